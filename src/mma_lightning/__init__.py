@@ -1,0 +1,7 @@
+"""mma-lightning: MMA training (Ding et al., ICLR 2020, arXiv 1812.02637) for PyTorch Lightning.
+
+The algorithm lives in :mod:`mma_lightning.attacks` (plain PyTorch); :class:`MMAModule` composes it into a
+``pytorch_lightning.LightningModule``.
+"""
+
+__version__ = "0.1.0"

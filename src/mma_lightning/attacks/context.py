@@ -1,0 +1,44 @@
+"""How attacks run a model without side effects the caller can see.
+
+lightning-notes 2 and 3: attacks inside Lightning may be called under ``torch.inference_mode()`` (the
+default ``Trainer`` evaluates that way), and must leave every submodule's ``training`` flag as they found it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+
+@contextmanager
+def model_mode(model: nn.Module, train: bool) -> Iterator[None]:
+    """Run ``model`` in train (``True``) or eval (``False``) mode, then restore each submodule's own flag.
+
+    Restoring module by module matters: a caller may keep, e.g., a frozen BatchNorm in eval mode inside a
+    model in train mode, which a plain ``model.train(previous)`` would overwrite.
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    model.train(train)
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+@contextmanager
+def grad_enabled_outside_inference() -> Iterator[None]:
+    """Enable autograd even inside ``torch.inference_mode()`` (where ``enable_grad`` alone is not enough).
+
+    Inputs created in inference mode must be cloned inside this block (see :func:`usable_for_autograd`).
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def usable_for_autograd(t: Tensor) -> Tensor:
+    """A normal-tensor copy of an inference tensor (which autograd refuses to save); other tensors as they are."""
+    return t.clone() if t.is_inference() else t

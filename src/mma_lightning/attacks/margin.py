@@ -1,0 +1,131 @@
+"""Per-sample margin search: AN-PGD plus bisection (Ding et al., ICLR 2020, Alg. 1 / reference ``mma_training``).
+
+For each sample i, the margin is the norm of its shortest successful perturbation. The reference estimates it
+in two stages, both batched here over the whole batch with per-sample tensors and masks (no Python loop over
+samples, no host sync inside the loops):
+
+1. PGD at the sample's current radius ``init_eps[i]`` (the eps remembered from its previous visit);
+   its perturbation defines a direction ``u_i = (x_pgd_i - x_i) / init_eps[i]``.
+2. Bisection along that single ray over ``[0, max_eps]``: the state ``lo = 0``, ``hi = max_eps``,
+   ``cur = init_eps``; ``search_steps`` times, if ``x + cur * u`` (box-clipped) is adversarial then
+   ``hi = cur`` else ``lo = cur``; ``cur = (lo + hi) / 2``. No new PGD run at the new radius.
+
+Differences from the reference, on purpose (see docs/mma-algorithm.md, "Reference quirks"):
+the returned eps is the upper end of the final bracket, so a successful ``x_adv`` is a point that a forward
+pass verified adversarial (the reference returns the last midpoint); the search runs in eval mode unless
+``search_train_mode=True`` (the reference's choice); success means ``argmax != y`` unless ``success="slm"``
+(the reference's training-time soft test, SLM >= 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from mma_lightning.attacks.checks import as_eps, check_batch, check_box, check_labels, check_positive_int
+from mma_lightning.attacks.context import grad_enabled_outside_inference, model_mode, usable_for_autograd
+from mma_lightning.attacks.losses import SUCCESS_TESTS, get_loss
+from mma_lightning.attacks.norms import Norm, get_norm
+from mma_lightning.attacks.pgd import LossFn, clip_box, pgd_iterates
+
+
+@dataclass
+class MarginResult:
+    """Outcome of :func:`find_margin` for a batch of N samples.
+
+    Attributes:
+        eps: ``[N]`` margin estimate; 0 for a point already misclassified, ``max_eps`` when none was found.
+        x_adv: like ``x``; where ``success``, a verified adversarial point with ``||x_adv - x|| <= eps``.
+        success: ``[N]`` bool, an adversarial point was found within ``max_eps``.
+    """
+
+    eps: Tensor
+    x_adv: Tensor
+    success: Tensor
+
+
+def _rows(v: Tensor, like: Tensor) -> Tensor:
+    return v.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def find_margin(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    norm: str | Norm = "linf",
+    init_eps: float | Tensor = 0.1,
+    max_eps: float | Tensor = 0.5,
+    nb_iter: int = 40,
+    search_steps: int = 10,
+    *,
+    loss: str | LossFn = "slm",
+    rand_init: bool = True,
+    step_scale: float = 2.5,
+    clip_min: float | None = 0.0,
+    clip_max: float | None = 1.0,
+    success: str = "argmax",
+    search_train_mode: bool = False,
+    generator: torch.Generator | None = None,
+) -> MarginResult:
+    """Estimate each sample's margin (distance to the decision boundary in ``norm``) by AN-PGD + bisection.
+
+    Args:
+        model: maps inputs in the box to logits. PGD runs in eval mode; the search too unless
+            ``search_train_mode`` (the reference's quirk: BatchNorm then updates its running statistics).
+            Every submodule's ``training`` flag is restored; parameter gradients are never touched.
+        x, y: inputs ``[N, ...]`` and integer labels ``[N]``.
+        norm: ``"linf"`` or ``"l2"``.
+        init_eps: PGD radius per sample (float or ``[N]``), ``> 0``; MMA passes the remembered eps.
+        max_eps: upper end of the bisection (float or ``[N]``), ``>= init_eps``; MMA passes ``1.05 * d_max``.
+        nb_iter: PGD steps K; step size ``step_scale * init_eps / nb_iter`` (reference: 2.5).
+        search_steps: bisection steps S (reference: 10).
+        loss: PGD objective, default the soft logit margin as in the reference.
+        success: ``"argmax"`` (misclassified) or ``"slm"`` (SLM >= 0, the reference's training test).
+        generator: random source for PGD's random start.
+    """
+    check_batch(x, y)
+    check_positive_int("nb_iter", nb_iter)
+    check_positive_int("search_steps", search_steps)
+    check_box(clip_min, clip_max)
+    if success not in SUCCESS_TESTS:
+        raise ValueError(f"success must be one of {list(SUCCESS_TESTS)}, got {success!r}")
+    geometry = get_norm(norm)
+    loss_fn = get_loss(loss)
+    is_adv = SUCCESS_TESTS[success]
+    init = as_eps("init_eps", init_eps, x, positive=True)
+    upper = as_eps("max_eps", max_eps, x, positive=True)
+    if bool((upper < init).any()):
+        raise ValueError(f"max_eps must be >= init_eps for every sample, got max_eps={max_eps!r} "
+                         f"below init_eps (max init_eps {float(init.max())})")
+
+    with grad_enabled_outside_inference():
+        x, y = usable_for_autograd(x).detach(), usable_for_autograd(y)
+        with torch.no_grad(), model_mode(model, train=search_train_mode):
+            clean_logits = model(x)
+        check_labels(y, clean_logits.shape[1])
+        already = is_adv(clean_logits, y)
+
+        with model_mode(model, train=False):
+            x_pgd = pgd_iterates(model, x, y, geometry, init, nb_iter, step_scale * init / nb_iter, loss_fn,
+                                 rand_init, clip_min, clip_max, generator)
+        direction = (x_pgd - x) / _rows(init, x)
+
+        lo, hi, cur = torch.zeros_like(init), upper.clone(), init.clone()
+        found = torch.zeros_like(already)
+        x_best = x.clone()
+        with torch.no_grad(), model_mode(model, train=search_train_mode):
+            for _ in range(search_steps):
+                x_cur = clip_box(x + _rows(cur, x) * direction, clip_min, clip_max)
+                adv = is_adv(model(x_cur), y)
+                hi = torch.where(adv, torch.minimum(hi, cur), hi)
+                lo = torch.where(adv, lo, torch.maximum(lo, cur))
+                x_best = torch.where(_rows(adv, x), x_cur, x_best)
+                found = found | adv
+                cur = (lo + hi) / 2
+
+    x_far = clip_box(x + _rows(upper, x) * direction, clip_min, clip_max)
+    eps = torch.where(already, torch.zeros_like(hi), torch.where(found, hi, upper))
+    x_adv = torch.where(_rows(already, x), x, torch.where(_rows(found, x), x_best, x_far))
+    return MarginResult(eps=eps, x_adv=x_adv, success=already | found)

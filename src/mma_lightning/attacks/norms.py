@@ -1,0 +1,106 @@
+"""Threat-model geometry: the Linf and L2 balls every attack works in.
+
+One small abstraction instead of ``if norm == ...`` scattered through the attacks. Every method is batched
+over the first dimension and takes a per-sample radius ``eps`` of shape ``[N]``; nothing syncs to the host.
+The step rules follow advertorch 0.2.2 (``perturb_iterative``), which the MMA reference builds on.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+NormName = Literal["linf", "l2"]
+NORM_NAMES: tuple[str, ...] = ("linf", "l2")
+
+
+def _per_sample(v: Tensor, like: Tensor) -> Tensor:
+    """Reshape a ``[N]`` tensor so it broadcasts over the non-batch dimensions of ``like``."""
+    return v.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+class Norm:
+    """A threat model: ball norm, projection onto the ball, steepest-ascent step and random start."""
+
+    name: str
+
+    def norm(self, delta: Tensor) -> Tensor:
+        """Per-sample norm of ``delta``, shape ``[N]``."""
+        raise NotImplementedError
+
+    def project(self, delta: Tensor, eps: Tensor) -> Tensor:
+        """Project ``delta`` onto the ball of per-sample radius ``eps`` (``[N]``)."""
+        raise NotImplementedError
+
+    def step(self, grad: Tensor, step_size: Tensor) -> Tensor:
+        """Steepest-ascent step of per-sample length ``step_size`` (``[N]``) for this norm."""
+        raise NotImplementedError
+
+    def random_init(self, x: Tensor, eps: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """A random perturbation drawn uniformly from the ball of radius ``eps`` (same shape as ``x``)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class LinfNorm(Norm):
+    """The Linf ball: sign-gradient steps, coordinate-wise clamp (Madry et al. 2018; advertorch LinfPGD)."""
+
+    name = "linf"
+
+    def norm(self, delta: Tensor) -> Tensor:
+        return delta.flatten(1).abs().amax(dim=1)
+
+    def project(self, delta: Tensor, eps: Tensor) -> Tensor:
+        e = _per_sample(eps, delta)
+        return torch.maximum(torch.minimum(delta, e), -e)
+
+    def step(self, grad: Tensor, step_size: Tensor) -> Tensor:
+        return _per_sample(step_size, grad) * grad.sign()
+
+    def random_init(self, x: Tensor, eps: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return (2 * u - 1) * _per_sample(eps, x)
+
+
+class L2Norm(Norm):
+    """The L2 ball: gradient normalised per sample (floor 1e-6), radial shrink (advertorch L2PGD)."""
+
+    name = "l2"
+    tiny: float = 1e-6
+
+    def norm(self, delta: Tensor) -> Tensor:
+        return delta.flatten(1).norm(p=2, dim=1)
+
+    def project(self, delta: Tensor, eps: Tensor) -> Tensor:
+        factor = (eps / self.norm(delta).clamp_min(self.tiny)).clamp(max=1.0)
+        return delta * _per_sample(factor, delta)
+
+    def step(self, grad: Tensor, step_size: Tensor) -> Tensor:
+        scale = step_size / self.norm(grad).clamp_min(self.tiny)
+        return grad * _per_sample(scale, grad)
+
+    def random_init(self, x: Tensor, eps: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        # Uniform in the ball: Gaussian direction, radius eps * U^(1/d).
+        g = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        d = x[0].numel()
+        u = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype)
+        radius = eps * u.pow(1.0 / d)
+        return g * _per_sample(radius / self.norm(g).clamp_min(self.tiny), x)
+
+
+_NORMS: dict[str, Norm] = {"linf": LinfNorm(), "l2": L2Norm()}
+
+
+def get_norm(norm: str | Norm) -> Norm:
+    """Return the :class:`Norm` for ``"linf"`` or ``"l2"`` (a :class:`Norm` passes through)."""
+    if isinstance(norm, Norm):
+        return norm
+    key = str(norm).lower()
+    if key not in _NORMS:
+        raise ValueError(f"norm must be one of {list(NORM_NAMES)}, got {norm!r}")
+    return _NORMS[key]
+

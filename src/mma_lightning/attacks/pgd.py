@@ -1,0 +1,109 @@
+"""Projected gradient descent with a per-sample radius (Madry et al., ICLR 2018).
+
+The MMA reference (Ding et al., ICLR 2020) runs advertorch's PGD with a different radius per sample
+(AN-PGD's inner attack); this module is that attack, batched, in plain PyTorch:
+random start inside the ball, ``nb_iter`` steepest-ascent steps of the loss, each followed by a clip to the
+box and a projection onto the ball, last iterate returned. Input gradients come from
+``torch.autograd.grad`` only, so parameter ``.grad`` is never touched (lightning-notes 1).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from mma_lightning.attacks.checks import as_eps, check_batch, check_box, check_labels, check_positive_int
+from mma_lightning.attacks.context import grad_enabled_outside_inference, model_mode, usable_for_autograd
+from mma_lightning.attacks.losses import get_loss
+from mma_lightning.attacks.norms import Norm, get_norm
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def clip_box(x: Tensor, clip_min: float | None, clip_max: float | None) -> Tensor:
+    """Clip to the data box ``[clip_min, clip_max]``; ``None`` means no box."""
+    return x if clip_min is None else x.clamp(clip_min, clip_max)
+
+
+def num_logits(model: nn.Module, x: Tensor) -> int:
+    """Number of classes the model predicts, from one eval-mode forward of a single input (no graph)."""
+    with torch.no_grad(), model_mode(model, train=False):
+        return model(x[:1]).shape[1]
+
+
+def pgd(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    norm: str | Norm = "linf",
+    eps: float | Tensor = 0.3,
+    nb_iter: int = 40,
+    step_size: float | Tensor | None = None,
+    *,
+    loss: str | LossFn = "ce",
+    rand_init: bool = True,
+    step_scale: float = 2.5,
+    clip_min: float | None = 0.0,
+    clip_max: float | None = 1.0,
+    train_mode: bool = False,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Untargeted PGD in the ``norm`` ball of per-sample radius ``eps``; returns the adversarial batch.
+
+    Args:
+        model: maps a batch in the box to logits; run in eval mode unless ``train_mode`` (flags restored).
+        x, y: inputs ``[N, ...]`` and integer labels ``[N]``.
+        norm: ``"linf"`` (sign steps, clamp) or ``"l2"`` (normalised steps, radial shrink).
+        eps: a float or a per-sample ``[N]`` tensor, ``>= 0``.
+        nb_iter: number of steps K.
+        step_size: a float or ``[N]`` tensor; default ``step_scale * eps / nb_iter`` (the MMA reference's 2.5).
+        loss: objective maximised per sample: ``"ce"``, ``"slm"``, ``"lm"``, ``"cw"`` or a callable.
+        rand_init: start uniformly inside the ball (then clip to the box), as advertorch's ``rand_init``.
+        clip_min, clip_max: the data box; ``None`` for both means no box.
+        generator: random source for the start, for reproducible restarts.
+    """
+    check_batch(x, y)
+    check_positive_int("nb_iter", nb_iter, minimum=0)
+    check_box(clip_min, clip_max)
+    geometry = get_norm(norm)
+    eps_t = as_eps("eps", eps, x)
+    steps = step_scale * eps_t / max(nb_iter, 1) if step_size is None else as_eps("step_size", step_size, x)
+    loss_fn = get_loss(loss)
+    with grad_enabled_outside_inference():
+        x, y = usable_for_autograd(x), usable_for_autograd(y)
+        check_labels(y, num_logits(model, x))
+        with model_mode(model, train=train_mode):
+                return pgd_iterates(model, x, y, geometry, eps_t, nb_iter, steps, loss_fn,
+                                rand_init, clip_min, clip_max, generator)
+
+
+def pgd_iterates(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    norm: Norm,
+    eps: Tensor,
+    nb_iter: int,
+    step_size: Tensor,
+    loss_fn: LossFn,
+    rand_init: bool,
+    clip_min: float | None,
+    clip_max: float | None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The PGD loop itself, on validated per-sample tensors; the model's mode is the caller's business.
+
+    Returns ``x + delta_K`` (detached). No host synchronisation and no parameter gradients.
+    """
+    x = x.detach()
+    delta = norm.random_init(x, eps, generator) if rand_init else torch.zeros_like(x)
+    delta = norm.project(clip_box(x + delta, clip_min, clip_max) - x, eps)
+    for _ in range(nb_iter):
+        delta.requires_grad_(True)
+        objective = loss_fn(model(x + delta), y).sum()
+        (grad,) = torch.autograd.grad(objective, delta)
+        delta = delta.detach() + norm.step(grad, step_size)
+        delta = norm.project(clip_box(x + delta, clip_min, clip_max) - x, eps)
+    return (x + delta).detach()

@@ -68,6 +68,7 @@ def find_margin(
     success: str = "argmax",
     search_train_mode: bool = False,
     generator: torch.Generator | None = None,
+    clean_logits: Tensor | None = None,
 ) -> MarginResult:
     """Estimate each sample's margin (distance to the decision boundary in ``norm``) by AN-PGD + bisection.
 
@@ -84,6 +85,8 @@ def find_margin(
         loss: PGD objective, default the soft logit margin as in the reference.
         success: ``"argmax"`` (misclassified) or ``"slm"`` (SLM >= 0, the reference's training test).
         generator: random source for PGD's random start.
+        clean_logits: logits of ``x`` the caller already computed (MMA's training forward); they decide
+            which points are already adversarial, saving one forward pass. Default: a fresh forward.
     """
     check_batch(x, y)
     check_positive_int("nb_iter", nb_iter)
@@ -102,8 +105,13 @@ def find_margin(
 
     with grad_enabled_outside_inference():
         x, y = usable_for_autograd(x).detach(), usable_for_autograd(y)
-        with torch.no_grad(), model_mode(model, train=search_train_mode):
-            clean_logits = model(x)
+        if clean_logits is None:
+            with torch.no_grad(), model_mode(model, train=search_train_mode):
+                clean_logits = model(x)
+        elif clean_logits.shape[0] != x.shape[0]:
+            raise ValueError(f"clean_logits must have one row per sample ({x.shape[0]}), "
+                             f"got shape {tuple(clean_logits.shape)}")
+        clean_logits = clean_logits.detach()
         check_labels(y, clean_logits.shape[1])
         already = is_adv(clean_logits, y)
 

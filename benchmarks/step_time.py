@@ -1,0 +1,149 @@
+"""Cost of one MMA training step relative to one K-step PGD-AT step, on the same model and batch, in one run.
+
+Both steps are the library's own (``MMAModule.training_loss`` and ``PGDATModule.training_loss`` built on the
+same ``pgd``), each followed by ``backward()`` and an optimiser step. The model is first fitted to the batch
+so that every sample is correctly classified (SLM < 0) and therefore attacked. Timings are interleaved and
+the median is reported. The docs' cost model: MMA = K + 13 forwards and K + 2 backwards (S = 10), PGD-AT =
+K + 1 of each; targets: ratio <= 1.15 at K = 40 and <= 1.35 at K = 10.
+
+Usage: ``python benchmarks/step_time.py [--reps 7] [--device cpu|cuda] [--only lenet|wrn]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from mma_lightning import MMAModule, PGDATModule
+from mma_lightning.attacks import soft_logit_margin
+from mma_lightning.methods.base import AdversarialModule
+from mma_lightning.models import LeNet5Madry, wrn28_4
+
+
+@dataclass
+class Case:
+    name: str
+    make_net: Callable[[], nn.Module]
+    shape: tuple[int, ...]
+    batch: int
+    nb_iter: int
+    max_eps: float
+    min_eps: float
+    pgd_eps: float
+
+
+CASES = {
+    "lenet": Case("LeNet5-Madry, Linf, K=40, batch 50", LeNet5Madry, (1, 28, 28), 50, 40, 0.45, 0.1, 0.3),
+    "wrn": Case("WRN-28-4, Linf, K=10, batch 32", wrn28_4, (3, 32, 32), 32, 10, 32 / 255, 0.005, 8 / 255),
+}
+
+
+def fit_to_batch(net: nn.Module, x: Tensor, y: Tensor, max_steps: int = 500) -> int:
+    """Train ``net`` on the one batch until every sample has SLM < 0 (is "correct" for MMA)."""
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    net.train()
+    for step in range(max_steps):
+        net.eval()
+        with torch.no_grad():
+            if bool((soft_logit_margin(net(x), y) < -1.0).all()):
+                return step
+        net.train()
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    raise RuntimeError(f"could not fit the batch in {max_steps} steps")
+
+
+class PassCounter:
+    """Counts forwards (with / without autograd) and backwards through the backbone via module hooks."""
+
+    def __init__(self, net: nn.Module) -> None:
+        self.fwd_grad = self.fwd_nograd = self.bwd = 0
+        net.register_forward_hook(self._on_forward)
+        net.register_full_backward_hook(self._on_backward)
+
+    def _on_forward(self, *_: object) -> None:
+        if torch.is_grad_enabled():
+            self.fwd_grad += 1
+        else:
+            self.fwd_nograd += 1
+
+    def _on_backward(self, *_: object) -> None:
+        self.bwd += 1
+
+    def reset(self) -> None:
+        self.fwd_grad = self.fwd_nograd = self.bwd = 0
+
+
+def make_step(module: AdversarialModule, x: Tensor, y: Tensor, index: Tensor) -> Callable[[], None]:
+    """One training step: the method's loss, backward, optimiser step (lr 0: the weights stay fixed)."""
+    opt = torch.optim.SGD(module.net.parameters(), lr=0.0)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        module.training_loss(x, y, index).backward()
+        opt.step()
+        if x.is_cuda:
+            torch.cuda.synchronize()
+
+    return step
+
+
+def run_case(case: Case, reps: int, device: torch.device) -> float:
+    torch.manual_seed(0)
+    net = case.make_net().to(device)
+    x = torch.rand(case.batch, *case.shape, device=device)
+    y = torch.arange(case.batch, device=device) % 10
+    index = torch.arange(case.batch, device=device)
+    fit_steps = fit_to_batch(net, x, y)
+    net.train()
+    mma = MMAModule(net, norm="linf", max_eps=case.max_eps, min_eps=case.min_eps, nb_iter=case.nb_iter,
+                    num_train_samples=case.batch).to(device)
+    pgd_at = PGDATModule(net, norm="linf", eps=case.pgd_eps, nb_iter=case.nb_iter).to(device)
+    counter = PassCounter(net)
+    steps = {"mma": make_step(mma, x, y, index), "pgd_at": make_step(pgd_at, x, y, index)}
+    passes = {}
+    for name, step in steps.items():  # warm-up, and one counted step each
+        step()
+        counter.reset()
+        step()
+        passes[name] = (counter.fwd_grad, counter.fwd_nograd, counter.bwd)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(reps):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    ratio = med["mma"] / med["pgd_at"]
+    print(f"\n{case.name} on {device} (fitted in {fit_steps} steps; every sample correct: "
+          f"{bool((soft_logit_margin(net.eval()(x), y) < 0).all())})")
+    for name in steps:
+        fg, fn, b = passes[name]
+        print(f"  {name:7s} median {med[name] * 1e3:9.1f} ms   forwards {fg + fn:3d} ({fg} with autograd, "
+              f"{fn} without)   backwards {b:3d}")
+    print(f"  ratio MMA / PGD-AT = {ratio:.3f}")
+    return ratio
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--only", choices=sorted(CASES), nargs="*", default=["lenet", "wrn"])
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    ratios = {name: run_case(CASES[name], args.reps, torch.device(args.device)) for name in args.only}
+    targets = {"lenet": 1.15, "wrn": 1.35}
+    print("\nsummary: " + ", ".join(f"{n}: {r:.3f} (target <= {targets[n]})" for n, r in ratios.items()))
+
+
+if __name__ == "__main__":
+    main()

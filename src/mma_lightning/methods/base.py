@@ -1,0 +1,163 @@
+"""The one LightningModule skeleton every training method shares (MMA, PGD-AT, standard, ...).
+
+It owns the backbone, the optimiser plumbing and the robustness validation; a method adds only its
+``training_loss``. Validation follows the MMA reference's per-epoch evaluation (Ding et al., ICLR 2020,
+Sec. 5 / reference ``mma_training``): PGD at a fixed eval eps, then a bisection along the PGD direction gives
+each sample's margin estimate; both numbers come from one :func:`find_margin` call, since the bisection's
+first test is the PGD point itself. Metrics are torchmetrics objects, so DDP reduction is right
+(lightning-notes 5): ``val/acc``, ``val/robust_acc``, ``val/avg_eps`` (model selection: max ``val/avg_eps``).
+
+Evaluation under the default ``Trainer()`` (``inference_mode=True``) works: the attacks leave inference mode
+for their own gradient computations (lightning-notes 2), so no ``Trainer`` flag is required.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from mma_lightning.attacks import find_margin, get_norm
+from mma_lightning.attacks.norms import NORM_NAMES
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+SCHEDULER_INTERVALS = ("step", "epoch")
+EVAL_STAGES = ("val", "test")
+
+
+def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """Adam with lr 1e-4: the MMA reference's MNIST optimiser."""
+    return torch.optim.Adam(params, lr=1e-4)
+
+
+class AdversarialModule(pl.LightningModule):
+    """Shared skeleton: ``net`` + optimiser + robustness validation; subclasses define ``training_loss``.
+
+    Batches are ``(x, y)`` or ``(x, y, index)`` with ``x`` in the box ``[clip_min, clip_max]`` (normalisation
+    belongs inside ``net``), so every eps is in input units.
+
+    Args:
+        net: any ``nn.Module`` mapping a batch to logits.
+        norm: threat model, ``"linf"`` or ``"l2"``.
+        optimizer: ``params -> Optimizer`` (e.g. ``functools.partial(torch.optim.SGD, lr=0.1)``).
+        scheduler: optional ``optimizer -> LRScheduler``, stepped every ``scheduler_interval``.
+        eval_eps: the fixed eps of the validation PGD (reference: 0.3 MNIST Linf, 8/255 CIFAR10 Linf).
+        eval_nb_iter: validation PGD steps; step size ``eval_step_scale * eval_eps / eval_nb_iter``.
+        eval_max_eps: upper end of the validation margin search (default ``4 * eval_eps``).
+        eval_search_steps: bisection steps of the validation margin search.
+        clip_min, clip_max: the data box (``None`` for both: no box).
+    """
+
+    train_stat_names: tuple[str, ...] = ()
+    """Per-sample training statistics a method logs as ``train/<name>`` (see :meth:`log_train_stat`)."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        norm: str = "linf",
+        optimizer: OptimizerFactory = default_optimizer,
+        scheduler: SchedulerFactory | None = None,
+        scheduler_interval: str = "step",
+        eval_eps: float = 0.3,
+        eval_nb_iter: int = 20,
+        eval_step_scale: float = 2.5,
+        eval_max_eps: float | None = None,
+        eval_search_steps: int = 10,
+        clip_min: float | None = 0.0,
+        clip_max: float | None = 1.0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(net, nn.Module):
+            raise ValueError(f"net must be a torch.nn.Module, got {type(net).__name__}")
+        if str(norm).lower() not in NORM_NAMES:
+            raise ValueError(f"norm must be one of {list(NORM_NAMES)}, got {norm!r}")
+        if scheduler_interval not in SCHEDULER_INTERVALS:
+            raise ValueError(f"scheduler_interval must be one of {list(SCHEDULER_INTERVALS)}, "
+                             f"got {scheduler_interval!r}")
+        if not eval_eps > 0:
+            raise ValueError(f"eval_eps must be > 0, got {eval_eps!r}")
+        if eval_max_eps is not None and eval_max_eps < eval_eps:
+            raise ValueError(f"eval_max_eps must be >= eval_eps ({eval_eps}), got {eval_max_eps!r}")
+        # Factories are kept as attributes: hparams must stay picklable (a lambda would be dropped from them).
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
+        self.net = net
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.norm = get_norm(norm).name
+        self.eval_max_eps = float(eval_max_eps if eval_max_eps is not None else 4 * eval_eps)
+        self.train_stats = nn.ModuleDict({name: MeanMetric() for name in self.train_stat_names})
+        self.eval_metrics = nn.ModuleDict(
+            {stage: nn.ModuleDict({"acc": MeanMetric(), "robust_acc": MeanMetric(), "avg_eps": MeanMetric(),
+                                   "loss": MeanMetric()}) for stage in EVAL_STAGES}
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits of the backbone."""
+        return self.net(x)
+
+    # --- training -----------------------------------------------------------------------------------------
+    def training_loss(self, x: Tensor, y: Tensor, index: Tensor | None) -> Tensor:
+        """The method's scalar training loss for one batch (it logs its own statistics)."""
+        raise NotImplementedError
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """One scalar loss for Lightning's automatic optimisation (lightning-notes 1)."""
+        x, y, index = _unpack(batch)
+        loss = self.training_loss(x, y, index)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def log_train_stat(self, name: str, value: Tensor, weight: Tensor | None = None) -> None:
+        """Log ``train/<name>``, a per-sample statistic averaged by its torchmetrics ``MeanMetric``."""
+        metric = self.train_stats[name]
+        metric(value.detach().float(), 1.0 if weight is None else weight.detach().float())
+        self.log(f"train/{name}", metric, prog_bar=name in ("acc", "avg_eps"))
+
+    # --- evaluation ---------------------------------------------------------------------------------------
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """Clean accuracy, PGD robust accuracy at ``eval_eps`` and the average margin estimate."""
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        """Same measures as validation, logged as ``test/...``."""
+        self._eval_step(batch, "test")
+
+    def _eval_step(self, batch: Any, stage: str) -> None:
+        x, y, _ = _unpack(batch)
+        hp = self.hparams
+        logits = self.net(x)
+        res = find_margin(self.net, x, y, self.norm, init_eps=hp.eval_eps, max_eps=self.eval_max_eps,
+                          nb_iter=hp.eval_nb_iter, search_steps=hp.eval_search_steps, loss="ce",
+                          step_scale=hp.eval_step_scale, clip_min=hp.clip_min, clip_max=hp.clip_max)
+        # PGD at eval_eps succeeded iff the bisection's bracket ends at or below eval_eps.
+        robust = ~res.success | (res.eps > hp.eval_eps)
+        metrics = self.eval_metrics[stage]
+        metrics["acc"].update((logits.argmax(1) == y).float())
+        metrics["robust_acc"].update(robust.float())
+        metrics["avg_eps"].update(res.eps)
+        metrics["loss"].update(F.cross_entropy(logits.float(), y, reduction="none"))
+        for name, metric in metrics.items():
+            self.log(f"{stage}/{name}", metric, prog_bar=name != "loss")
+
+    # --- optimisation -------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        """Optimiser from the factory; the scheduler (if any) stepped per ``scheduler_interval``."""
+        optimizer = self.optimizer_factory(self.net.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": self.hparams.scheduler_interval}}
+
+
+def _unpack(batch: Any) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(x, y)`` or ``(x, y, index)`` -> ``(x, y, index or None)``."""
+    if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
+        raise ValueError("batches must be (x, y) or (x, y, index) tuples, "
+                         f"got {type(batch).__name__} of length {len(batch) if hasattr(batch, '__len__') else '?'}")
+    return batch[0], batch[1], batch[2] if len(batch) == 3 else None

@@ -1,0 +1,50 @@
+"""Per-sample eps memory for MMA, keyed by dataset index (reference: a Python dict ``index -> eps``).
+
+MMA starts each sample's AN-PGD at the eps found on its previous visit (Ding et al., ICLR 2020, Sec. 4), so
+the table spans the whole training set: with DDP the sampler reshuffles indices across ranks every epoch, so
+each step's updates are gathered from all ranks and applied identically everywhere (lightning-notes 4).
+The table is a persistent buffer: it follows the module's device and lives in its ``state_dict`` (and thus in
+every Lightning checkpoint).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class EpsStore(nn.Module):
+    """A table of ``num_samples`` eps values, 0 meaning "no margin known" (the sample restarts at ``min_eps``)."""
+
+    eps: Tensor
+
+    def __init__(self, num_samples: int = 0) -> None:
+        super().__init__()
+        self.register_buffer("eps", torch.zeros(num_samples))
+
+    def __len__(self) -> int:
+        return self.eps.shape[0]
+
+    def resize(self, num_samples: int) -> None:
+        """Re-create the table with ``num_samples`` zeros (no-op when the size already matches)."""
+        if num_samples < 0:
+            raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+        if num_samples != len(self):
+            self.eps = torch.zeros(num_samples, dtype=self.eps.dtype, device=self.eps.device)
+
+    def check_index(self, index: Tensor) -> None:
+        """Clear error for indices outside the table (one host sync; call it once, not every step)."""
+        if index.numel() and (bool((index < 0).any()) or bool((index >= len(self)).any())):
+            raise ValueError(f"dataset index must be in [0, {len(self) - 1}] (the eps table holds {len(self)} "
+                             f"samples), got values in [{int(index.min())}, {int(index.max())}]; "
+                             "is num_train_samples the size of the training set?")
+
+    def lookup(self, index: Tensor) -> Tensor:
+        """The stored eps of each index, shape like ``index``."""
+        return self.eps[index]
+
+    def update(self, index: Tensor, eps: Tensor) -> None:
+        """Write ``eps[i]`` at ``index[i]``. Duplicate indices (``DistributedSampler`` padding) resolve to
+        their maximum: order-independent, so every rank holding the same gathered updates ends identical."""
+        self.eps.scatter_reduce_(0, index.reshape(-1).long(), eps.reshape(-1).to(self.eps.dtype),
+                                 reduce="amax", include_self=False)

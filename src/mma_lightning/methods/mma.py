@@ -1,0 +1,185 @@
+"""MMA training as a LightningModule (Ding et al., "MMA Training: Direct Input Space Margin Maximization
+through Adversarial Training", ICLR 2020, arXiv 1812.02637).
+
+One training step, as the reference ``mma_training`` does it (docs/mma-algorithm.md, "One training step"):
+
+1. clean forward of the whole batch, ``L_clean`` = mean cross-entropy;
+2. a row is "correct" iff its soft logit margin SLM < 0 (stricter than argmax == y);
+3. for the correct rows, AN-PGD from each sample's remembered eps, ``max(min_eps, stored eps)``, then a
+   bisection over ``[0, 1.05 * max_eps]`` gives eps* and the boundary point (:func:`find_margin`);
+4. forward of the mixed batch (boundary points for correct rows, clean points for the others);
+5. ``L_mma = (sum_{correct, eps* < max_eps} CE(boundary) + sum_{wrong} CE(clean)) / B``;
+6. loss ``(1 - c) * L_mma + c * L_clean``, c = ``clean_loss_coeff`` (1/3 "MMA", 0 "OMMA");
+7. store eps* for the correct rows and 0 for the others.
+
+The whole update is the one scalar returned by ``training_step``: no model copy, no manual optimisation.
+The search is batched over the full batch with masks, so DDP ranks always run the same collectives.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mma_lightning.attacks import find_margin, soft_logit_margin
+from mma_lightning.attacks.losses import SUCCESS_TESTS
+from mma_lightning.methods.base import AdversarialModule, OptimizerFactory, SchedulerFactory, default_optimizer
+from mma_lightning.methods.eps_store import EpsStore
+
+SEARCH_UPPER_FACTOR = 1.05  # the reference searches [0, 1.05 * d_max]
+
+
+class MMAModule(AdversarialModule):
+    """Max-Margin Adversarial training around any backbone; training batches are ``(x, y, index)``.
+
+    Example:
+        >>> import torch
+        >>> from mma_lightning import MMAModule
+        >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+        >>> module = MMAModule(net, norm="linf", max_eps=0.45, min_eps=0.1, nb_iter=40, eval_eps=0.3)
+        >>> module.hparams.clean_loss_coeff
+        0.3333333333333333
+
+    Args:
+        net: the backbone, inputs in ``[clip_min, clip_max]`` (normalisation inside it), outputs logits.
+        norm: ``"linf"`` or ``"l2"``.
+        max_eps: d_max, the hinge: samples with eps* >= d_max leave the margin loss ("MMA-d").
+        min_eps: the smallest starting eps of AN-PGD (reference: 0.1 MNIST Linf, 0.005 CIFAR10 Linf).
+        nb_iter: PGD steps K of the margin search (reference: 40 MNIST, 10 CIFAR10).
+        search_steps: bisection steps S (reference: 10).
+        clean_loss_coeff: c in ``(1 - c) * L_mma + c * L_clean``; 1/3 is MMA, 0 is OMMA.
+        step_scale: PGD step size ``step_scale * eps / nb_iter`` (reference: 2.5).
+        attack_success: ``"slm"`` (reference: SLM >= 0 during training) or ``"argmax"``.
+        search_train_mode: run the bisection in train mode as the reference does (BatchNorm statistics of
+            the batch; running stats updated by every search forward). Default: eval mode.
+        num_train_samples: size of the eps table; by default taken from the datamodule's
+            ``num_train_samples`` or the training dataset's length when training starts.
+        optimizer, scheduler, scheduler_interval, eval_*, clip_min, clip_max: see ``AdversarialModule``;
+            ``eval_max_eps`` defaults to the search's upper end ``1.05 * max_eps``.
+    """
+
+    train_stat_names = ("acc", "clean_loss", "avg_eps", "hinged_frac", "correct_frac")
+
+    def __init__(
+        self,
+        net: nn.Module,
+        norm: str = "linf",
+        max_eps: float = 0.45,
+        min_eps: float = 0.1,
+        nb_iter: int = 40,
+        search_steps: int = 10,
+        clean_loss_coeff: float = 1.0 / 3.0,
+        step_scale: float = 2.5,
+        attack_success: str = "slm",
+        search_train_mode: bool = False,
+        num_train_samples: int | None = None,
+        optimizer: OptimizerFactory = default_optimizer,
+        scheduler: SchedulerFactory | None = None,
+        scheduler_interval: str = "step",
+        eval_eps: float = 0.3,
+        eval_nb_iter: int = 20,
+        eval_step_scale: float = 2.5,
+        eval_max_eps: float | None = None,
+        eval_search_steps: int = 10,
+        clip_min: float | None = 0.0,
+        clip_max: float | None = 1.0,
+    ) -> None:
+        if not (0 < min_eps <= max_eps):
+            raise ValueError(f"min_eps and max_eps must satisfy 0 < min_eps <= max_eps, "
+                             f"got min_eps={min_eps!r}, max_eps={max_eps!r}")
+        if not 0.0 <= clean_loss_coeff <= 1.0:
+            raise ValueError(f"clean_loss_coeff must be in [0, 1] (1/3: MMA, 0: OMMA), got {clean_loss_coeff!r}")
+        if attack_success not in SUCCESS_TESTS:
+            raise ValueError(f"attack_success must be one of {list(SUCCESS_TESTS)}, got {attack_success!r}")
+        for name, value in (("nb_iter", nb_iter), ("search_steps", search_steps)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if num_train_samples is not None and num_train_samples < 1:
+            raise ValueError(f"num_train_samples must be a positive integer or None, got {num_train_samples!r}")
+        super().__init__(net, norm=norm, optimizer=optimizer, scheduler=scheduler,
+                         scheduler_interval=scheduler_interval, eval_eps=eval_eps, eval_nb_iter=eval_nb_iter,
+                         eval_step_scale=eval_step_scale,
+                         eval_max_eps=eval_max_eps if eval_max_eps is not None
+                         else max(eval_eps, SEARCH_UPPER_FACTOR * max_eps),
+                         eval_search_steps=eval_search_steps, clip_min=clip_min, clip_max=clip_max)
+        self.eps_store = EpsStore(num_train_samples or 0)
+        self._index_checked = False
+
+    # --- the eps table's size: from the data, or from a checkpoint --------------------------------------
+    def on_train_start(self) -> None:
+        """Size the eps table from the training data (kept as is when restored from a checkpoint)."""
+        n = self.hparams.num_train_samples or _num_train_samples(self.trainer)
+        if len(self.eps_store) == 0:
+            self.eps_store.resize(n)
+        elif len(self.eps_store) != n:
+            raise ValueError(f"the eps table holds {len(self.eps_store)} samples but the training set has {n}: "
+                             "num_train_samples must match the training data of the checkpoint")
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resize the eps table to the checkpoint's before Lightning loads the state dict into it."""
+        saved = checkpoint.get("state_dict", {}).get("eps_store.eps")
+        if saved is not None:
+            self.eps_store.resize(saved.shape[0])
+
+    # --- the MMA step ---------------------------------------------------------------------------------------
+    def training_loss(self, x: Tensor, y: Tensor, index: Tensor | None) -> Tensor:
+        """``(1 - c) * L_mma + c * L_clean`` for one batch (reference step 1-7; eps table updated)."""
+        if index is None:
+            raise ValueError("MMAModule needs training batches (x, y, index): wrap the dataset in "
+                             "mma_lightning.data.IndexedDataset so each sample carries its dataset index")
+        if len(self.eps_store) == 0:
+            raise ValueError("the eps table is empty: pass num_train_samples=... or train through a Trainer "
+                             "(it is sized from the training data in on_train_start)")
+        if not self._index_checked:
+            self.eps_store.check_index(index)
+            self._index_checked = True
+        hp = self.hparams
+        upper = SEARCH_UPPER_FACTOR * hp.max_eps
+
+        logits = self.net(x)
+        clean_ce = F.cross_entropy(logits.float(), y, reduction="none")
+        correct = (soft_logit_margin(logits.detach(), y) < 0)
+
+        init_eps = self.eps_store.lookup(index).to(x.dtype).clamp(min=hp.min_eps, max=upper)
+        res = find_margin(self.net, x, y, self.norm, init_eps=init_eps, max_eps=upper, nb_iter=hp.nb_iter,
+                          search_steps=hp.search_steps, loss="slm", step_scale=hp.step_scale,
+                          clip_min=hp.clip_min, clip_max=hp.clip_max, success=hp.attack_success,
+                          search_train_mode=hp.search_train_mode, clean_logits=logits)
+        rows = correct.reshape(-1, *([1] * (x.dim() - 1)))
+        x_mixed = torch.where(rows, res.x_adv, x)
+        mixed_ce = F.cross_entropy(self.net(x_mixed).float(), y, reduction="none")
+        in_margin_loss = ~correct | (res.eps < hp.max_eps)
+        mma_loss = (mixed_ce * in_margin_loss).sum() / x.shape[0]
+        clean_loss = clean_ce.mean()
+        loss = (1 - hp.clean_loss_coeff) * mma_loss + hp.clean_loss_coeff * clean_loss
+
+        new_eps = torch.where(correct, res.eps, torch.zeros_like(res.eps))
+        self.eps_store.update(self._gather(index), self._gather(new_eps))
+
+        self.log_train_stat("acc", (logits.detach().argmax(1) == y).float())
+        self.log_train_stat("clean_loss", clean_ce)
+        self.log_train_stat("avg_eps", res.eps, weight=correct)
+        self.log_train_stat("hinged_frac", (correct & (res.eps >= hp.max_eps)).float())
+        self.log_train_stat("correct_frac", correct.float())
+        return loss
+
+    def _gather(self, t: Tensor) -> Tensor:
+        """``t`` from every DDP rank, flattened (just ``t`` outside a Trainer or on one device)."""
+        return (t if self._trainer is None else self.all_gather(t)).reshape(-1)
+
+
+def _num_train_samples(trainer: Any) -> int:
+    """The training set's size: ``datamodule.num_train_samples``, else ``len(train_dataloader.dataset)``."""
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is not None and getattr(datamodule, "num_train_samples", None):
+        return int(datamodule.num_train_samples)
+    loader = trainer.train_dataloader
+    dataset = getattr(loader, "dataset", None)
+    try:
+        return len(dataset)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError("cannot tell the training set's size for the eps table: pass "
+                         "MMAModule(num_train_samples=...) or a datamodule with num_train_samples") from None

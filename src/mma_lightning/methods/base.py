@@ -116,7 +116,8 @@ class AdversarialModule(pl.LightningModule):
         """Log ``train/<name>``, a per-sample statistic averaged by its torchmetrics ``MeanMetric``."""
         metric = self.train_stats[name]
         metric(value.detach().float(), 1.0 if weight is None else weight.detach().float())
-        self.log(f"train/{name}", metric, prog_bar=name in ("acc", "avg_eps"))
+        if self._trainer is not None:  # also usable outside a Trainer (Fabric, a manual loop, a benchmark)
+            self.log(f"train/{name}", metric, on_step=True, on_epoch=True, prog_bar=name in ("acc", "avg_eps"))
 
     # --- evaluation ---------------------------------------------------------------------------------------
     def validation_step(self, batch: Any, batch_idx: int) -> None:

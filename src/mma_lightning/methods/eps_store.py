@@ -9,6 +9,8 @@ every Lightning checkpoint).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -31,6 +33,13 @@ class EpsStore(nn.Module):
             raise ValueError(f"num_samples must be >= 0, got {num_samples}")
         if num_samples != len(self):
             self.eps = torch.zeros(num_samples, dtype=self.eps.dtype, device=self.eps.device)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        """Take the size of the incoming table (checkpoint, resume, ``ddp_spawn``'s return) before loading it."""
+        saved = state_dict.get(prefix + "eps")
+        if saved is not None:
+            self.resize(saved.shape[0])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def check_index(self, index: Tensor) -> None:
         """Clear error for indices outside the table (one host sync; call it once, not every step)."""

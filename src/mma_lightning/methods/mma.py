@@ -108,7 +108,7 @@ class MMAModule(AdversarialModule):
         self.eps_store = EpsStore(num_train_samples or 0)
         self._index_checked = False
 
-    # --- the eps table's size: from the data, or from a checkpoint --------------------------------------
+    # --- the eps table's size: from the data, or from a checkpoint (EpsStore resizes itself on load) ----
     def on_train_start(self) -> None:
         """Size the eps table from the training data (kept as is when restored from a checkpoint)."""
         n = self.hparams.num_train_samples or _num_train_samples(self.trainer)
@@ -117,12 +117,6 @@ class MMAModule(AdversarialModule):
         elif len(self.eps_store) != n:
             raise ValueError(f"the eps table holds {len(self.eps_store)} samples but the training set has {n}: "
                              "num_train_samples must match the training data of the checkpoint")
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Resize the eps table to the checkpoint's before Lightning loads the state dict into it."""
-        saved = checkpoint.get("state_dict", {}).get("eps_store.eps")
-        if saved is not None:
-            self.eps_store.resize(saved.shape[0])
 
     # --- the MMA step ---------------------------------------------------------------------------------------
     def training_loss(self, x: Tensor, y: Tensor, index: Tensor | None) -> Tensor:

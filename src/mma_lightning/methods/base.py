@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable
 
+from typing_extensions import TypedDict, Unpack
+
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -28,6 +30,24 @@ OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 SCHEDULER_INTERVALS = ("step", "epoch")
 EVAL_STAGES = ("val", "test")
+
+
+class SkeletonKwargs(TypedDict, total=False):
+    """The settings every method passes on unchanged to :class:`AdversarialModule` (see its Args).
+
+    Methods take them as ``**kwargs: Unpack[SkeletonKwargs]``: typed, and written down once.
+    """
+
+    optimizer: OptimizerFactory
+    scheduler: SchedulerFactory | None
+    scheduler_interval: str
+    eval_eps: float
+    eval_nb_iter: int
+    eval_step_scale: float
+    eval_max_eps: float | None
+    eval_search_steps: int
+    clip_min: float | None
+    clip_max: float | None
 
 
 def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
@@ -48,7 +68,7 @@ class AdversarialModule(pl.LightningModule):
         scheduler: optional ``optimizer -> LRScheduler``, stepped every ``scheduler_interval``.
         eval_eps: the fixed eps of the validation PGD (reference: 0.3 MNIST Linf, 8/255 CIFAR10 Linf).
         eval_nb_iter: validation PGD steps; step size ``eval_step_scale * eval_eps / eval_nb_iter``.
-        eval_max_eps: upper end of the validation margin search (default ``4 * eval_eps``).
+        eval_max_eps: upper end of the validation margin search (default :meth:`default_eval_max_eps`).
         eval_search_steps: bisection steps of the validation margin search.
         clip_min, clip_max: the data box (``None`` for both: no box).
     """
@@ -89,12 +109,16 @@ class AdversarialModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.norm = get_norm(norm).name
-        self.eval_max_eps = float(eval_max_eps if eval_max_eps is not None else 4 * eval_eps)
+        self.eval_max_eps = float(eval_max_eps if eval_max_eps is not None else self.default_eval_max_eps())
         self.train_stats = nn.ModuleDict({name: MeanMetric() for name in self.train_stat_names})
         self.eval_metrics = nn.ModuleDict(
             {stage: nn.ModuleDict({"acc": MeanMetric(), "robust_acc": MeanMetric(), "avg_eps": MeanMetric(),
                                    "loss": MeanMetric()}) for stage in EVAL_STAGES}
         )
+
+    def default_eval_max_eps(self) -> float:
+        """Upper end of the validation margin search when ``eval_max_eps`` is not given: ``4 * eval_eps``."""
+        return 4 * self.hparams.eval_eps
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits of the backbone."""

@@ -23,10 +23,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from typing_extensions import Unpack
 
 from mma_lightning.attacks import find_margin, soft_logit_margin
 from mma_lightning.attacks.losses import SUCCESS_TESTS
-from mma_lightning.methods.base import AdversarialModule, OptimizerFactory, SchedulerFactory, default_optimizer
+from mma_lightning.methods.base import AdversarialModule, SkeletonKwargs
 from mma_lightning.methods.eps_store import EpsStore
 
 SEARCH_UPPER_FACTOR = 1.05  # the reference searches [0, 1.05 * d_max]
@@ -57,8 +58,8 @@ class MMAModule(AdversarialModule):
             the batch; running stats updated by every search forward). Default: eval mode.
         num_train_samples: size of the eps table; by default taken from the datamodule's
             ``num_train_samples`` or the training dataset's length when training starts.
-        optimizer, scheduler, scheduler_interval, eval_*, clip_min, clip_max: see ``AdversarialModule``;
-            ``eval_max_eps`` defaults to the search's upper end ``1.05 * max_eps``.
+        **kwargs: the shared settings (optimizer, scheduler, eval_*, box) of ``AdversarialModule``;
+            ``eval_max_eps`` defaults to the training search's upper end ``1.05 * max_eps``.
     """
 
     train_stat_names = ("acc", "clean_loss", "avg_eps", "hinged_frac", "correct_frac")
@@ -76,16 +77,7 @@ class MMAModule(AdversarialModule):
         attack_success: str = "slm",
         search_train_mode: bool = False,
         num_train_samples: int | None = None,
-        optimizer: OptimizerFactory = default_optimizer,
-        scheduler: SchedulerFactory | None = None,
-        scheduler_interval: str = "step",
-        eval_eps: float = 0.3,
-        eval_nb_iter: int = 20,
-        eval_step_scale: float = 2.5,
-        eval_max_eps: float | None = None,
-        eval_search_steps: int = 10,
-        clip_min: float | None = 0.0,
-        clip_max: float | None = 1.0,
+        **kwargs: Unpack[SkeletonKwargs],
     ) -> None:
         if not (0 < min_eps <= max_eps):
             raise ValueError(f"min_eps and max_eps must satisfy 0 < min_eps <= max_eps, "
@@ -99,14 +91,13 @@ class MMAModule(AdversarialModule):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if num_train_samples is not None and num_train_samples < 1:
             raise ValueError(f"num_train_samples must be a positive integer or None, got {num_train_samples!r}")
-        super().__init__(net, norm=norm, optimizer=optimizer, scheduler=scheduler,
-                         scheduler_interval=scheduler_interval, eval_eps=eval_eps, eval_nb_iter=eval_nb_iter,
-                         eval_step_scale=eval_step_scale,
-                         eval_max_eps=eval_max_eps if eval_max_eps is not None
-                         else max(eval_eps, SEARCH_UPPER_FACTOR * max_eps),
-                         eval_search_steps=eval_search_steps, clip_min=clip_min, clip_max=clip_max)
+        super().__init__(net, norm=norm, **kwargs)
         self.eps_store = EpsStore(num_train_samples or 0)
         self._index_checked = False
+
+    def default_eval_max_eps(self) -> float:
+        """The validation margin search spans the training search: ``max(eval_eps, 1.05 * max_eps)``."""
+        return max(self.hparams.eval_eps, SEARCH_UPPER_FACTOR * self.hparams.max_eps)
 
     # --- the eps table's size: from the data, or from a checkpoint (EpsStore resizes itself on load) ----
     def on_train_start(self) -> None:
@@ -155,7 +146,7 @@ class MMAModule(AdversarialModule):
 
         self.log_train_stat("acc", (logits.detach().argmax(1) == y).float())
         self.log_train_stat("clean_loss", clean_ce)
-        self.log_train_stat("avg_eps", res.eps, weight=correct)
+        self.log_train_stat("avg_eps", new_eps)  # wrong rows count 0, as in val/avg_eps
         self.log_train_stat("hinged_frac", (correct & (res.eps >= hp.max_eps)).float())
         self.log_train_stat("correct_frac", correct.float())
         return loss

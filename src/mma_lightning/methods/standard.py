@@ -1,0 +1,36 @@
+"""Standard training ("STD" in the comparisons of Ding et al., "MMA Training: Direct Input Space Margin
+Maximization through Adversarial Training", ICLR 2020): clean cross-entropy, no attack during training.
+
+Validation still measures robustness (PGD accuracy and average margin) through the shared skeleton.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from mma_lightning.methods.base import AdversarialModule
+
+
+class StandardModule(AdversarialModule):
+    """Standard (non-adversarial) training, the STD baseline of Ding et al. 2020: mean clean cross-entropy.
+
+    Its constructor is :class:`AdversarialModule`'s (``net``, ``norm`` of the validation attack, optimiser,
+    scheduler, ``eval_*``, box); it logs the clean training accuracy as ``train/acc``.
+
+    Example:
+        >>> import torch
+        >>> from mma_lightning import StandardModule
+        >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+        >>> loss = StandardModule(net).training_loss(torch.rand(2, 4), torch.tensor([0, 2]), None)
+        >>> loss.shape
+        torch.Size([])
+    """
+
+    train_stat_names: tuple[str, ...] = ("acc",)
+
+    def training_loss(self, x: Tensor, y: Tensor, index: Tensor | None) -> Tensor:
+        """Mean cross-entropy of the clean batch."""
+        logits = self.net(x)
+        self.log_train_stat("acc", (logits.detach().argmax(1) == y).float())
+        return F.cross_entropy(logits.float(), y)

@@ -219,3 +219,24 @@ def test_pgd_bad_input() -> None:
         pgd(model, x, y, eps=torch.ones(3))
     with pytest.raises(ValueError, match="loss must be one of"):
         pgd(model, x, y, loss="hinge")
+
+
+def test_fp16_autocast_scales_the_attack_objective_and_steps_ignore_the_scale() -> None:
+    """lightning-notes 6: under float16 autocast the attack objective is scaled so input gradients do not
+    underflow; sign and normalised steps are invariant to that factor, so fp32 attacks are unchanged."""
+    from mma_lightning.attacks.pgd import FP16_ATTACK_SCALE, fp16_gradient_scale
+
+    x = torch.rand(8, 1, 4, 4)
+    assert fp16_gradient_scale(x) == 1.0
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert fp16_gradient_scale(x) == FP16_ATTACK_SCALE
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fp16_gradient_scale(x) == 1.0
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 5))
+    y = torch.randint(0, 5, (8,))
+    for norm in ("linf", "l2"):
+        plain = pgd(model, x, y, norm=norm, eps=0.2, nb_iter=5, rand_init=False)
+        scaled = pgd(model, x, y, norm=norm, eps=0.2, nb_iter=5, rand_init=False,
+                     loss=lambda z, t: 1024.0 * nn.functional.cross_entropy(z, t, reduction="none"))
+        assert torch.allclose(plain, scaled, atol=1e-6)

@@ -27,6 +27,22 @@ def clip_box(x: Tensor, clip_min: float | None, clip_max: float | None) -> Tenso
     return x if clip_min is None else x.clamp(clip_min, clip_max)
 
 
+FP16_ATTACK_SCALE = 1024.0
+
+
+def fp16_gradient_scale(x: Tensor) -> float:
+    """Factor on the attack objective under float16 autocast (lightning-notes 6), else 1.
+
+    Lightning's ``16-mixed`` scales only the training loss; an attack's input gradient can underflow to zero
+    in float16 and ``sign()`` then gives 0. Both step rules (sign, normalised gradient) ignore a positive
+    factor on the gradient, so scaling the objective costs nothing and keeps the gradient representable.
+    """
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16:
+        return FP16_ATTACK_SCALE
+    return 1.0
+
+
 def num_logits(model: nn.Module, x: Tensor) -> int:
     """Number of classes the model predicts, from one eval-mode forward of a single input (no graph)."""
     with torch.no_grad(), model_mode(model, train=False):
@@ -98,11 +114,12 @@ def pgd_iterates(
     Returns ``x + delta_K`` (detached). No host synchronisation and no parameter gradients.
     """
     x = x.detach()
+    scale = fp16_gradient_scale(x)
     delta = norm.random_init(x, eps, generator) if rand_init else torch.zeros_like(x)
     delta = norm.project(clip_box(x + delta, clip_min, clip_max) - x, eps)
     for _ in range(nb_iter):
         delta.requires_grad_(True)
-        objective = loss_fn(model(x + delta), y).sum()
+        objective = loss_fn(model(x + delta), y).sum() * scale
         (grad,) = torch.autograd.grad(objective, delta)
         delta = delta.detach() + norm.step(grad, step_size)
         delta = norm.project(clip_box(x + delta, clip_min, clip_max) - x, eps)

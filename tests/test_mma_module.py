@@ -288,3 +288,12 @@ def test_real_mnist_margins_grow_and_accuracy_stays_high(tmp_path: Path) -> None
     assert last["val/avg_eps"] > first["val/avg_eps"]
     assert last["val/acc"] >= 0.85
     assert last["train/acc_epoch"] >= 0.85
+
+
+def test_fit_under_bf16_mixed_precision() -> None:
+    """lightning-notes 6: bf16 autocast around the whole step; margins are compared in fp32."""
+    x, y = blobs(64)
+    module = small_module()
+    quiet_trainer(max_steps=3, limit_val_batches=1, precision="bf16-mixed").fit(
+        module, TensorDataModule(x, y, val_size=16, batch_size=16))
+    assert module.eps_store.eps.dtype == torch.float32 and (module.eps_store.eps > 0).any()

@@ -1,0 +1,72 @@
+"""The paper's evaluation protocol as named constants (docs/mma-algorithm.md, "Evaluation protocol").
+
+Ding et al., ICLR 2020, release evaluation script: whitebox PGD, 100 steps, 10 random restarts (5 with
+the cross-entropy loss, 5 with the CW margin loss), step ``eps / 40`` for MNIST Linf and ``eps / 4``
+otherwise, and per sample the worst case over all restarts. AvgRobAcc is the mean robust accuracy over the
+eps grid; AvgAcc is the same mean with the clean accuracy included.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+MNIST_LINF_EPS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4)
+"""MNIST (and Fashion-MNIST) Linf grid of the paper."""
+MNIST_L2_EPS: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0)
+"""MNIST L2 grid (the doc's best reading of the paper)."""
+CIFAR10_LINF_EPS: tuple[float, ...] = tuple(k / 255 for k in range(4, 33, 4))
+"""CIFAR10 Linf grid of the paper: 4/255, 8/255, ..., 32/255."""
+CIFAR10_L2_EPS: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 2.5)
+"""CIFAR10 L2 grid (the doc's best reading of the paper)."""
+
+EPS_GRIDS: dict[str, tuple[float, ...]] = {
+    "mnist-linf": MNIST_LINF_EPS,
+    "mnist-l2": MNIST_L2_EPS,
+    "cifar10-linf": CIFAR10_LINF_EPS,
+    "cifar10-l2": CIFAR10_L2_EPS,
+}
+"""The preset grids by name, ``"<dataset>-<norm>"``."""
+
+PGD_STEPS: int = 100
+"""PGD steps of the release evaluation script."""
+RESTARTS_PER_LOSS: int = 5
+"""Random restarts per loss: 5 with cross-entropy + 5 with the CW loss = 10 in all."""
+LOSSES: tuple[str, ...] = ("ce", "cw")
+"""The two PGD objectives of the protocol: cross-entropy and the CW margin loss."""
+DEFAULT_STEP_FRACTION: float = 0.25
+"""Step size as a fraction of eps: ``eps / 4``, the script's choice for every setting but MNIST Linf."""
+MNIST_LINF_STEP_FRACTION: float = 1 / 40
+"""Step size as a fraction of eps for MNIST Linf in the release script: ``eps / 40``."""
+
+
+def eps_grid(name: str) -> tuple[float, ...]:
+    """The preset eps grid ``name`` (one of :data:`EPS_GRIDS`), e.g. ``eps_grid("cifar10-linf")``."""
+    if name not in EPS_GRIDS:
+        raise ValueError(f"eps grid name must be one of {sorted(EPS_GRIDS)}, got {name!r}")
+    return EPS_GRIDS[name]
+
+
+def check_eps_grid(eps_grid: Sequence[float] | float, name: str = "eps_grid") -> tuple[float, ...]:
+    """Validate an eps grid: finite, ``> 0``, no duplicates; returned sorted ascending as floats."""
+    values = (eps_grid,) if isinstance(eps_grid, (int, float)) else tuple(eps_grid)
+    try:
+        grid = tuple(sorted(float(e) for e in values))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} must be a sequence of positive floats, got {eps_grid!r}") from err
+    if not grid:
+        raise ValueError(f"{name} must hold at least one eps, got {eps_grid!r}")
+    if not all(0 < e < float("inf") for e in grid):
+        raise ValueError(f"{name} must hold finite eps > 0, got {eps_grid!r}")
+    if len(set(grid)) != len(grid):
+        raise ValueError(f"{name} must not repeat an eps, got {eps_grid!r}")
+    return grid
+
+
+def format_eps(eps: float) -> str:
+    """A short label for an eps: ``0.3``, ``1.5``, or ``8/255`` for the CIFAR grids' multiples of 1/255."""
+    if abs(round(eps, 3) - eps) < 1e-9:
+        return f"{eps:g}"
+    k = eps * 255
+    if abs(k - round(k)) < 1e-6:
+        return f"{round(k)}/255"
+    return f"{eps:.4g}"

@@ -1,0 +1,212 @@
+"""The evaluation report: ``results.json``, a Markdown table like the paper's, and the two PNG plots.
+
+:func:`write_report` takes one or several :class:`ModelEvaluation` (several checkpoints give one comparison
+table and one curve per model) and writes into ``out_dir``:
+
+- ``results.json``: every number with its settings, the model's and the data's identity, software versions;
+- ``results.md``: the paper's table (Ding et al., ICLR 2020, Tables 1-2: clean accuracy, AvgAcc, AvgRobAcc and
+  robust accuracy per eps), margin summaries, AutoAttack numbers and the sanity flags;
+- ``robust_accuracy.png`` (robust accuracy vs eps) and ``margins.png`` (histogram of per-sample margins).
+
+Every file is written to a temporary file in ``out_dir`` and renamed into place, so a crash never leaves a
+half-written report file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import platform
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from matplotlib.figure import Figure
+
+from mma_lightning.evaluation.evaluate import ModelEvaluation
+from mma_lightning.evaluation.plots import margin_histogram_figure, robust_accuracy_figure
+from mma_lightning.evaluation.protocol import format_eps
+from mma_lightning.evaluation.robustness import RobustnessResult
+
+RESULTS_FORMAT = "mma-lightning/robustness-results"
+RESULTS_FORMAT_VERSION = 1
+RESULTS_JSON = "results.json"
+TABLE_MARKDOWN = "results.md"
+ROBUST_ACCURACY_PNG = "robust_accuracy.png"
+MARGINS_PNG = "margins.png"
+
+
+@dataclass(frozen=True)
+class ReportPaths:
+    """Where :func:`write_report` wrote each file (``margins_png`` is ``None`` without margin estimates)."""
+
+    results_json: Path
+    table_markdown: Path
+    robust_accuracy_png: Path
+    margins_png: Path | None
+
+
+def _software() -> dict[str, str]:
+    import pytorch_lightning
+    import torchmetrics
+
+    import mma_lightning
+
+    return {"mma_lightning": mma_lightning.__version__, "torch": torch.__version__,
+            "torchmetrics": torchmetrics.__version__, "pytorch_lightning": pytorch_lightning.__version__,
+            "python": platform.python_version()}
+
+
+def results_document(evaluations: Sequence[ModelEvaluation]) -> dict[str, Any]:
+    """The content of ``results.json``: format tag, creation time, software versions, one entry per model."""
+    return {
+        "format": RESULTS_FORMAT,
+        "format_version": RESULTS_FORMAT_VERSION,
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "software": _software(),
+        "models": [e.to_dict() for e in evaluations],
+    }
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def _row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return [_row(header), _row(["---"] * len(header)), *(_row(r) for r in rows)]
+
+
+def _pgd_settings_text(res: RobustnessResult) -> str:
+    s = res.settings
+    start = "random start" if s["rand_init"] else "no random start"
+    return (f"whitebox PGD, {s['nb_iter']} steps of {s['step_fraction']:g}·eps, {s['restarts']} restart(s) "
+            f"with each of the losses {', '.join(s['losses'])} ({start}, seed {s['seed']}), worst case per "
+            f"sample; {res.num_samples} test points")
+
+
+def _sanity_cell(e: ModelEvaluation) -> str:
+    if e.sanity is None:
+        return "not run"
+    return "ok" if e.sanity.passed else "FLAGGED: " + ", ".join(e.sanity.failed)
+
+
+def _groups(evaluations: Sequence[ModelEvaluation], key: str) -> dict[tuple[str, tuple[float, ...]], list]:
+    """Evaluations that have ``key`` (``"pgd"``, ``"margins"``, ``"autoattack"``), by (norm, eps grid)."""
+    groups: dict[tuple[str, tuple[float, ...]], list] = {}
+    for e in evaluations:
+        if getattr(e, key) is not None:
+            groups.setdefault((e.pgd.norm, e.pgd.eps_grid), []).append(e)
+    return groups
+
+
+def markdown_report(evaluations: Sequence[ModelEvaluation], title: str = "Robustness evaluation") -> str:
+    """The Markdown report: one comparison table per (norm, eps grid), margins, AutoAttack, sanity flags."""
+    lines = [f"# {title}", ""]
+    for (norm, grid), group in _groups(evaluations, "pgd").items():
+        eps_cols = [format_eps(e) for e in grid]
+        lines += [f"## Robust accuracy (%), {norm}", ""]
+        rows = [[e.name, _pct(e.pgd.clean_accuracy), _pct(e.pgd.avg_accuracy),
+                 _pct(e.pgd.avg_robust_accuracy), *(_pct(a) for a in e.pgd.robust_accuracy), _sanity_cell(e)]
+                for e in group]
+        lines += _table(["model", "Clean", "AvgAcc", "AvgRobAcc", *eps_cols, "sanity"], rows)
+        settings = {_pgd_settings_text(e.pgd) for e in group}
+        lines += ["", *(f"Attack: {s}." for s in sorted(settings)),
+                  "AvgRobAcc: mean robust accuracy over the eps grid; AvgAcc: the same mean with the clean "
+                  "accuracy included.", ""]
+    for (norm, grid), group in _groups(evaluations, "margins").items():
+        lines += [f"## Margins, {norm}", ""]
+        rows = []
+        for e in group:
+            s = e.margins.summary(grid)
+            rows.append([e.name, f"{s.mean:.4g}", f"{s.q25:.4g}", f"{s.median:.4g}", f"{s.q75:.4g}",
+                         str(s.num_samples - s.num_found), *(_pct(f) for f in s.fraction_above.values())])
+        cols = [f"> {format_eps(t)} (%)" for t in grid]
+        lines += _table(["model", "mean", "Q1", "median", "Q3", "not found", *cols], rows)
+        lines += ["", "Per-sample margin estimates (smallest verified adversarial distance; 0 for "
+                  "misclassified points, the search's upper end when none was found).", ""]
+    for (norm, grid), group in _groups(evaluations, "autoattack").items():
+        lines += [f"## AutoAttack robust accuracy (%), {norm}", ""]
+        rows = [[e.name, _pct(e.autoattack.clean_accuracy), _pct(e.autoattack.avg_robust_accuracy),
+                 *(_pct(a) for a in e.autoattack.robust_accuracy)] for e in group]
+        lines += _table(["model", "Clean", "AvgRobAcc", *(format_eps(x) for x in grid)], rows) + [""]
+    checked = [e for e in evaluations if e.sanity is not None]
+    if checked:
+        lines += ["## Sanity checks (gradient masking)", ""]
+        for e in checked:
+            verdict = "all checks passed" if e.sanity.passed else "**FLAGGED**: " + ", ".join(e.sanity.failed)
+            lines.append(f"- **{e.name}**: {verdict}")
+            lines += [f"  - {'ok' if c.passed else 'FAILED'} `{c.name}`: {c.message}"
+                      for c in e.sanity.checks]
+        lines.append("")
+    lines += ["## Models and data", ""]
+    rows = [[e.name, str(e.model_info.get("class", "?")), str(e.model_info.get("num_parameters", "?")),
+             str(e.model_info.get("state_sha256", "?"))[:12], str(e.data_info.get("num_samples", "?")),
+             str(e.data_info.get("samples_sha256", "?"))[:12]] for e in evaluations]
+    lines += _table(["model", "class", "parameters", "weights sha256", "test points", "points sha256"], rows)
+    return "\n".join(lines) + "\n"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it into place."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _png_bytes(fig: Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    return buffer.getvalue()
+
+
+def write_report(evaluations: Sequence[ModelEvaluation] | ModelEvaluation, out_dir: str | os.PathLike,
+                 title: str = "Robustness evaluation") -> ReportPaths:
+    """Write ``results.json``, ``results.md``, ``robust_accuracy.png`` and ``margins.png`` into ``out_dir``.
+
+    Several evaluations (e.g. one per checkpoint) give one comparison table and one curve per model; their
+    names must be distinct. AutoAttack results, when present, are drawn as dashed curves.
+    """
+    evaluations = [evaluations] if isinstance(evaluations, ModelEvaluation) else list(evaluations)
+    if not evaluations or not all(isinstance(e, ModelEvaluation) for e in evaluations):
+        raise ValueError("evaluations must be a non-empty sequence of ModelEvaluation")
+    names = [e.name for e in evaluations]
+    if len(set(names)) != len(names):
+        raise ValueError(f"evaluation names must be distinct (they label table rows and curves), got {names}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = ReportPaths(out / RESULTS_JSON, out / TABLE_MARKDOWN, out / ROBUST_ACCURACY_PNG,
+                        out / MARGINS_PNG if any(e.margins is not None for e in evaluations) else None)
+
+    curves: dict[str, RobustnessResult] = {e.name: e.pgd for e in evaluations}
+    curves.update({f"{e.name} (AutoAttack)": e.autoattack for e in evaluations if e.autoattack is not None})
+    curve_png = _png_bytes(robust_accuracy_figure(curves))
+    margins_png = None
+    if paths.margins_png is not None:
+        with_margins = {e.name: e.margins for e in evaluations if e.margins is not None}
+        grids = {e.pgd.eps_grid for e in evaluations if e.margins is not None}
+        thresholds = next(iter(grids)) if len(grids) == 1 else ()
+        margins_png = _png_bytes(margin_histogram_figure(with_margins, thresholds))
+    document = json.dumps(results_document(evaluations), indent=2, allow_nan=False).encode()
+
+    _write_atomic(paths.results_json, document)
+    _write_atomic(paths.table_markdown, markdown_report(evaluations, title).encode())
+    _write_atomic(paths.robust_accuracy_png, curve_png)
+    if paths.margins_png is not None and margins_png is not None:
+        _write_atomic(paths.margins_png, margins_png)
+    return paths

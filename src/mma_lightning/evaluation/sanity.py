@@ -1,0 +1,181 @@
+"""Sanity flags for gradient masking, in the spirit of AutoAttack's checks (Croce & Hein, ICML 2020) and of
+Carlini et al., "On Evaluating Adversarial Robustness" (2019): a sound whitebox evaluation must satisfy
+
+1. ``monotone_in_eps``: robust accuracy does not rise with eps (nor above the clean accuracy);
+2. ``more_steps_not_weaker``: PGD with more steps (fresh seeds) does not report a higher robust accuracy;
+3. ``more_restarts_not_weaker``: PGD with more random restarts (fresh seeds) does not either;
+4. ``unbounded_eps``: an eps larger than the data range (the whole box is reachable) leaves ~0% robust.
+
+A failed check is a flag in the report, not an error: the robust accuracy is then likely overestimated
+(masked or obfuscated gradients, a randomised model, too few steps). Differences of a single sample are never
+flagged: the tolerance is ``max(tolerance, 1 / n)`` on ``n`` points. Checks 2-4 run extra attacks on a probe
+set (the first ``probe_samples`` points of the data) at one eps of the grid.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from mma_lightning.evaluation.batches import EvalData, check_positive_int, evaluation_batches, model_device
+from mma_lightning.evaluation.protocol import format_eps
+from mma_lightning.evaluation.robustness import RobustnessResult, robust_accuracy
+
+UNBOUNDED_FACTOR = 1.05  # the unbounded eps: 5% beyond the diameter of the data box in the threat norm
+
+
+@dataclass(frozen=True)
+class SanityCheck:
+    """One check: its name, whether it passed, the measured value and the threshold it was held to."""
+
+    name: str
+    passed: bool
+    value: float
+    threshold: float
+    message: str
+
+
+@dataclass
+class SanityReport:
+    """The sanity checks of one evaluation; ``passed`` only if every check passed."""
+
+    checks: list[SanityCheck]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        """True when no check flagged the evaluation."""
+        return all(c.passed for c in self.checks)
+
+    @property
+    def failed(self) -> list[str]:
+        """Names of the failed checks."""
+        return [c.name for c in self.checks if not c.passed]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: overall verdict, failed names, every check, the probe settings."""
+        return {"passed": self.passed, "failed": self.failed, "checks": [asdict(c) for c in self.checks],
+                "settings": dict(self.settings)}
+
+
+def tolerance_for(num_samples: int, tolerance: float) -> float:
+    """The accuracy difference allowed on ``num_samples`` points: ``max(tolerance, 1 / num_samples)``."""
+    return max(tolerance, 1.0 / max(num_samples, 1))
+
+
+def check_monotone_in_eps(result: RobustnessResult, tolerance: float = 0.01) -> SanityCheck:
+    """Flag a robust accuracy that rises with eps (the clean accuracy counts as eps = 0)."""
+    accs = (result.clean_accuracy, *result.robust_accuracy)
+    labels = ("clean", *(format_eps(e) for e in result.eps_grid))
+    rises = [(accs[k + 1] - accs[k], labels[k], labels[k + 1]) for k in range(len(accs) - 1)]
+    rise, lo, hi = max(rises)
+    tol = tolerance_for(result.num_samples, tolerance)
+    passed = rise <= tol
+    message = (f"robust accuracy does not rise with eps (largest change between neighbours {rise:+.2%})"
+               if passed else
+               f"robust accuracy rises by {rise:.2%} from eps {lo} to {hi}: the attack at the larger eps is "
+               "weaker")
+    return SanityCheck("monotone_in_eps", passed, rise, tol, message)
+
+
+def _probe_base_accuracy(result: RobustnessResult, probe: RobustnessResult, eps: float) -> float:
+    """The base result's robust accuracy at ``eps`` on exactly the probe's samples."""
+    pos = torch.searchsorted(result.index, probe.index).clamp(max=result.num_samples - 1)
+    if not torch.equal(result.index[pos], probe.index):
+        raise ValueError("result must cover the probe samples: pass the same data (same order) that "
+                         "produced it")
+    return float(result.robust[pos, result.eps_position(eps)].double().mean())
+
+
+def _compare(name: str, what: str, base: float, strong: float, n: int, tolerance: float) -> SanityCheck:
+    rise = strong - base
+    tol = tolerance_for(n, tolerance)
+    passed = rise <= tol
+    message = (f"{what}: robust accuracy {strong:.2%} (base attack: {base:.2%})" if passed else
+               f"{what} reports a HIGHER robust accuracy ({strong:.2%}, base attack: {base:.2%}): unstable "
+               "attack, possibly a randomised or gradient-masked model")
+    return SanityCheck(name, passed, rise, tol, message)
+
+
+def _input_numel(data: EvalData, device: torch.device) -> int:
+    for x, _, _ in evaluation_batches(data, device, max_samples=1, shard=False):
+        return x[0].numel()
+    raise ValueError("data yielded no samples to evaluate")
+
+
+def gradient_masking_checks(
+    model: nn.Module,
+    data: EvalData,
+    result: RobustnessResult,
+    *,
+    probe_eps: float | None = None,
+    probe_samples: int = 256,
+    steps_factor: int = 2,
+    restarts_factor: int = 2,
+    tolerance: float = 0.01,
+    batch_size: int = 256,
+    shard: bool | None = None,
+    progress: bool = False,
+) -> SanityReport:
+    """Run the four sanity checks (module docstring) for a PGD ``result`` of :func:`robust_accuracy`.
+
+    Args:
+        model, data: the model and the data (same order) that produced ``result``.
+        result: the PGD evaluation to check; its settings define the base attack.
+        probe_eps: the eps of the steps / restarts probes; default the middle of the grid.
+        probe_samples: size of the probe set (the first points of ``data``).
+        steps_factor, restarts_factor: how much stronger the probes are (each with fresh seeds).
+        tolerance: accuracy difference (fraction) tolerated, at least one sample.
+
+    Without a data box (``clip_min=None``) the unbounded-eps check is left out (the data range is unknown).
+    """
+    if result.attack != "pgd":
+        raise ValueError("result must come from robust_accuracy (attack 'pgd'), "
+                         f"got attack {result.attack!r}")
+    check_positive_int("probe_samples", probe_samples)
+    check_positive_int("steps_factor", steps_factor)
+    check_positive_int("restarts_factor", restarts_factor)
+    if not 0 <= tolerance < 1:
+        raise ValueError(f"tolerance must be a fraction in [0, 1), got {tolerance!r}")
+    grid = result.eps_grid
+    if probe_eps is not None and not any(abs(e - probe_eps) <= 1e-9 * max(1.0, abs(e)) for e in grid):
+        raise ValueError(f"probe_eps must be one of the result's eps grid {list(grid)}, got {probe_eps!r}")
+    probe_eps = grid[len(grid) // 2 if probe_eps is None else result.eps_position(probe_eps)]
+    base = dict(result.settings)
+    common: dict[str, Any] = {"batch_size": batch_size, "max_samples": probe_samples, "shard": shard,
+                              "progress": progress}
+    checks = [check_monotone_in_eps(result, tolerance)]
+
+    more_steps = robust_accuracy(model, data, result.norm, [probe_eps], **{
+        **base, **common, "nb_iter": base["nb_iter"] * steps_factor, "seed": base["seed"] + 1})
+    n = more_steps.num_samples
+    base_acc = _probe_base_accuracy(result, more_steps, probe_eps)
+    checks.append(_compare("more_steps_not_weaker", f"{steps_factor}x steps at eps {format_eps(probe_eps)}",
+                           base_acc, more_steps.robust_accuracy[0], n, tolerance))
+    more_restarts = robust_accuracy(model, data, result.norm, [probe_eps], **{
+        **base, **common, "restarts": base["restarts"] * restarts_factor, "seed": base["seed"] + 1})
+    checks.append(_compare("more_restarts_not_weaker",
+                           f"{restarts_factor}x restarts at eps {format_eps(probe_eps)}",
+                           base_acc, more_restarts.robust_accuracy[0], n, tolerance))
+
+    clip_min, clip_max = base["clip_min"], base["clip_max"]
+    unbounded = None
+    if clip_min is not None and clip_max is not None:
+        diameter = clip_max - clip_min
+        if result.norm == "l2":
+            diameter *= math.sqrt(_input_numel(data, model_device(model)))
+        unbounded = UNBOUNDED_FACTOR * diameter
+        far = robust_accuracy(model, data, result.norm, [unbounded], **{**base, **common})
+        acc, tol = far.robust_accuracy[0], tolerance_for(far.num_samples, tolerance)
+        passed = acc <= tol
+        message = (f"eps {unbounded:.4g} beyond the data range leaves {acc:.2%} robust" if passed else
+                   f"eps {unbounded:.4g} beyond the data range leaves {acc:.2%} robust (expected ~0%): "
+                   "the attack cannot reach points any input could reach, a sign of gradient masking")
+        checks.append(SanityCheck("unbounded_eps", passed, acc, tol, message))
+    settings = {"probe_eps": probe_eps, "probe_samples": n, "steps_factor": steps_factor,
+                "restarts_factor": restarts_factor, "tolerance": tolerance, "unbounded_eps": unbounded}
+    return SanityReport(checks, settings)

@@ -1,0 +1,490 @@
+"""Evaluation: PGD protocol vs an independent implementation, worst-case aggregation, margins, sanity flags,
+sharding without padding, AutoAttack extra, report files, training-time callback (all CPU, small)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import struct
+import sys
+from functools import partial
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data.distributed import DistributedSampler
+
+from mma_lightning import MMAModule
+from mma_lightning.data import FashionMNISTDataModule, TensorDataModule
+from mma_lightning.evaluation import (
+    MNIST_LINF_EPS,
+    ModelEvaluation,
+    RobustnessCallback,
+    RobustnessResult,
+    ShardSampler,
+    autoattack_accuracy,
+    check_monotone_in_eps,
+    data_identity,
+    eps_grid,
+    estimate_margins,
+    evaluate_model,
+    format_eps,
+    gradient_masking_checks,
+    model_identity,
+    robust_accuracy,
+    summarize_margins,
+    write_report,
+)
+from mma_lightning.evaluation import report as report_module
+
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+needs_fashion = pytest.mark.skipif(not os.path.isdir(FASHION_DIR),
+                                   reason=f"Fashion-MNIST not installed in {FASHION_DIR} "
+                                          "(apt-get install dataset-fashion-mnist)")
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+class ZeroGradient(nn.Module):
+    """Gradient masking by construction: inputs are quantised with ``round``, whose gradient is zero."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.round(x * 8) / 8)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and do not slow to a crawl when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def fashion() -> dict[str, torch.Tensor]:
+    """3,000 real Fashion-MNIST training images and the first 200 test images, in [0, 1]."""
+    if not os.path.isdir(FASHION_DIR):
+        pytest.skip(f"Fashion-MNIST not installed in {FASHION_DIR} (apt-get install dataset-fashion-mnist)")
+    dm = FashionMNISTDataModule(data_dir=FASHION_DIR, download=False, val_size=1000, train_subset=3000,
+                                num_workers=0)
+    dm.setup()
+
+    def stack(dataset, n):
+        xs, ys = zip(*(dataset[i] for i in range(n)))
+        return torch.stack(xs), torch.tensor(ys)
+
+    x_train, y_train = stack(dm.train_set, 3000)
+    x_test, y_test = stack(dm.test_set, 200)
+    return {"x_train": x_train, "y_train": y_train, "x": x_test, "y": y_test}
+
+
+@pytest.fixture(scope="module")
+def fixed_model(fashion) -> nn.Module:
+    """The fixed small model: an MLP trained (seeded) for 3 epochs on the 3,000 Fashion-MNIST images."""
+    torch.manual_seed(0)
+    net = mlp()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    for _ in range(3):
+        for i in range(0, 3000, 100):
+            opt.zero_grad()
+            x, y = fashion["x_train"][i:i + 100], fashion["y_train"][i:i + 100]
+            nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+    return net.eval()
+
+
+# --- agreement with an independent implementation ---------------------------------------------------------
+@pytest.mark.parametrize("norm, eps", [("linf", 0.05), ("l2", 1.0)])
+def test_pgd_agrees_with_torchattacks(fixed_model, fashion, norm: str, eps: float) -> None:
+    torchattacks = pytest.importorskip("torchattacks", reason="the independent PGD is torchattacks, from the "
+                                                              "'test' extra: pip install '.[test]'")
+    x, y = fashion["x"], fashion["y"]
+    steps, alpha = 20, 0.25 * eps
+    ours = robust_accuracy(fixed_model, (x, y), norm, [eps], nb_iter=steps, restarts=1, losses=["ce"],
+                           step_fraction=0.25, rand_init=False)
+    cls = torchattacks.PGD if norm == "linf" else torchattacks.PGDL2
+    x_adv = cls(fixed_model, eps=eps, alpha=alpha, steps=steps, random_start=False)(x, y)
+    with torch.no_grad():
+        robust = (fixed_model(x).argmax(1) == y) & (fixed_model(x_adv).argmax(1) == y)
+    theirs = robust.double().mean().item()
+    assert 0.2 < theirs < ours.clean_accuracy - 0.1  # a regime where a wrong attack would show
+    assert abs(ours.robust_accuracy[0] - theirs) <= 0.01, (ours.robust_accuracy[0], theirs)
+
+
+# --- the result and its aggregation -----------------------------------------------------------------------
+def test_result_numbers_follow_the_definitions(fixed_model, fashion) -> None:
+    x, y = fashion["x"][:100], fashion["y"][:100]
+    grid = [0.1, 0.02, 0.05]  # given unsorted
+    res = robust_accuracy(fixed_model, (x, y), "linf", grid, nb_iter=10, restarts=1)
+    assert res.eps_grid == (0.02, 0.05, 0.1)
+    assert torch.equal(res.index, torch.arange(100)) and torch.equal(res.label, y)
+    with torch.no_grad():
+        correct = fixed_model(x).argmax(1) == y
+    assert torch.equal(res.correct, correct)
+    assert res.clean_accuracy == pytest.approx(correct.double().mean().item())
+    assert res.robust.shape == (100, 3) and res.robust.dtype == torch.bool
+    assert not (res.robust & ~res.correct[:, None]).any()  # robust implies correct
+    assert res.robust_accuracy == pytest.approx(res.robust.double().mean(0).tolist())
+    assert res.avg_robust_accuracy == pytest.approx(sum(res.robust_accuracy) / 3)
+    assert res.avg_accuracy == pytest.approx((res.clean_accuracy + sum(res.robust_accuracy)) / 4)
+    assert res.accuracy_at(0.05) == res.robust_accuracy[1]
+    assert res.settings["nb_iter"] == 10 and res.settings["losses"] == ["ce", "cw"]
+    assert res.to_dict()["eps"] == [0.02, 0.05, 0.1]
+
+
+def test_worst_case_aggregation_is_monotone(fixed_model, fashion) -> None:
+    """More restarts or more losses can only remove points from the robust set, sample by sample."""
+    x, y = fashion["x"][:100], fashion["y"][:100]
+    run = partial(robust_accuracy, fixed_model, (x, y), "l2", [0.5, 1.0], nb_iter=5, step_fraction=0.5)
+    one = run(restarts=1, losses=["ce"]).robust
+    more_restarts = run(restarts=4, losses=["ce"]).robust
+    more_losses = run(restarts=4, losses=["ce", "cw"]).robust
+    assert not (more_restarts & ~one).any()
+    assert not (more_losses & ~more_restarts).any()
+    assert (more_losses.sum() < one.sum()).item()  # the extra attacks did find more points here
+
+
+def test_same_results_from_tensors_and_loaders_and_reproducible_seeds(fixed_model, fashion) -> None:
+    x, y = fashion["x"][:60], fashion["y"][:60]
+    run = partial(robust_accuracy, fixed_model, norm="linf", eps_grid=[0.05], nb_iter=5, restarts=2,
+                  batch_size=16)
+    a = run(data=(x, y))
+    b = run(data=DataLoader(TensorDataset(x, y), batch_size=16))
+    c = run(data=DataLoader(TensorDataset(x, y, torch.arange(60)), batch_size=16))
+    for other in (b, c):
+        assert torch.equal(a.robust, other.robust) and torch.equal(a.index, other.index)
+    d = run(data=(x, y), seed=1)
+    assert d.settings["seed"] == 1 and d.num_samples == 60
+
+
+def test_indices_from_the_data_and_max_samples(fixed_model, fashion) -> None:
+    x, y = fashion["x"][:50], fashion["y"][:50]
+    loader = DataLoader(TensorDataset(x, y, 1000 + torch.arange(50)), batch_size=16)
+    res = robust_accuracy(fixed_model, loader, "linf", [0.05], nb_iter=3, restarts=1, max_samples=21)
+    assert torch.equal(res.index, 1000 + torch.arange(21))
+
+
+def test_no_side_effects_on_the_model_and_inference_mode() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 3))
+    net.train()
+    net[2].eval()  # a frozen BatchNorm inside a model in train mode
+    for p in net.parameters():
+        p.grad = torch.full_like(p, 7.0)
+    stats = net[2].running_mean.clone()
+    x, y = torch.rand(20, 1, 4, 4), torch.randint(0, 3, (20,))
+    rng = torch.get_rng_state()
+    with torch.inference_mode():
+        res = robust_accuracy(net, (x, y), "linf", [0.1], nb_iter=3, restarts=2)
+        est = estimate_margins(net, (x, y), "linf", 0.5, nb_iter=3, search_steps=3)
+    assert res.num_samples == 20 and est.eps.shape == (20,)
+    assert [m.training for m in net.modules()] == [True, True, True, False, True, True]
+    assert all(torch.equal(p.grad, torch.full_like(p, 7.0)) for p in net.parameters())
+    assert torch.equal(net[2].running_mean, stats)
+    assert torch.equal(torch.get_rng_state(), rng)  # restarts use their own generators
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(norm="l3"), "norm must be one of"),
+    (dict(eps_grid=[]), "eps_grid must hold at least one"),
+    (dict(eps_grid=[0.1, -0.1]), "eps_grid must hold finite eps > 0"),
+    (dict(eps_grid=[0.1, 0.1]), "eps_grid must not repeat"),
+    (dict(nb_iter=0), "nb_iter must be an integer >= 1"),
+    (dict(restarts=0), "restarts must be an integer >= 1"),
+    (dict(losses=["hinge"]), "losses must be a non-empty sequence"),
+    (dict(step_fraction=0.0), "step_fraction must be a float > 0"),
+    (dict(batch_size=0), "batch_size must be an integer >= 1"),
+    (dict(data="abc"), "data must be a DataLoader"),
+    (dict(data=[(torch.rand(2, 4),)]), r"batches \(x, y\) or \(x, y, index\)"),
+])
+def test_bad_input_is_a_clear_value_error(kwargs: dict, match: str) -> None:
+    args = dict(model=nn.Linear(4, 2), data=(torch.rand(4, 4), torch.zeros(4, dtype=torch.long)), norm="linf",
+                eps_grid=[0.1], nb_iter=2, restarts=1)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        robust_accuracy(**args)
+
+
+def test_a_point_counted_twice_is_an_error() -> None:
+    x, y = torch.rand(8, 4), torch.zeros(8, dtype=torch.long)
+    loader = DataLoader(TensorDataset(x, y, torch.arange(8) % 6), batch_size=4)
+    with pytest.raises(ValueError, match="more than once"):
+        robust_accuracy(nn.Linear(4, 2), loader, "linf", [0.1], nb_iter=1, restarts=1)
+
+
+def test_presets_and_labels() -> None:
+    assert eps_grid("mnist-linf") == MNIST_LINF_EPS == (0.1, 0.2, 0.3, 0.4)
+    assert [format_eps(e) for e in eps_grid("cifar10-linf")][:2] == ["4/255", "8/255"]
+    assert format_eps(0.3) == "0.3" and format_eps(1.5) == "1.5"
+    with pytest.raises(ValueError, match="eps grid name must be one of"):
+        eps_grid("svhn-linf")
+
+
+# --- sharding ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [0, 1, 7, 10])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_shard_sampler_partitions_without_padding(n: int, world: int) -> None:
+    shards = [list(ShardSampler(n, num_replicas=world, rank=r)) for r in range(world)]
+    assert sorted(i for s in shards for i in s) == list(range(n))  # every index exactly once
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    assert [len(ShardSampler(n, num_replicas=world, rank=r)) for r in range(world)] == list(map(len, shards))
+
+
+def test_shard_sampler_bad_rank() -> None:
+    with pytest.raises(ValueError, match=r"rank must be an integer in \[0, 1\]"):
+        ShardSampler(5, num_replicas=2, rank=2)
+
+
+def _sharded_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+        x, y = torch.rand(13, 1, 4, 4), torch.randint(0, 3, (13,))
+        dataset = TensorDataset(x, y)
+        # A padding DistributedSampler (13 -> 14 points) is replaced by the non-padding shard sampler.
+        loader = DataLoader(dataset, batch_size=4, sampler=DistributedSampler(dataset, shuffle=False))
+        run = partial(robust_accuracy, net, norm="linf", eps_grid=[0.05, 0.1], nb_iter=3, restarts=1,
+                      rand_init=False)
+        results = {"loader": run(data=loader), "tensors": run(data=(x, y)),
+                   "unsharded": run(data=(x, y), shard=False)}  # every rank evaluates all, nothing gathered
+        torch.save({k: (r.index, r.robust, r.correct) for k, r in results.items()}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_evaluation_counts_every_point_once(tmp_path: Path) -> None:
+    out = str(tmp_path / "res")
+    mp.spawn(_sharded_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    x, y = torch.rand(13, 1, 4, 4), torch.randint(0, 3, (13,))
+    single = robust_accuracy(net, (x, y), "linf", [0.05, 0.1], nb_iter=3, restarts=1, rand_init=False)
+    for rank in range(2):
+        for kind, (index, robust, correct) in torch.load(f"{out}.{rank}").items():
+            assert torch.equal(index, torch.arange(13)), kind  # on every rank, each point exactly once
+            assert torch.equal(robust, single.robust) and torch.equal(correct, single.correct), kind
+
+
+# --- margins ----------------------------------------------------------------------------------------------
+def test_margin_estimates_match_exact_linear_margins() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(10, 2)
+    x = torch.rand(64, 10)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+        y[:4] = 1 - y[:4]  # four misclassified points: margin 0
+        w = model.weight[1] - model.weight[0]
+        exact = (x @ w + model.bias[1] - model.bias[0]).abs() / w.abs().sum()  # Linf margin, no box
+    est = estimate_margins(model, (x, y), "linf", max_eps=float(2 * exact.max()),
+                           init_eps=[float(exact.median())], nb_iter=20, search_steps=20, clip_min=None,
+                           clip_max=None, rand_init=False)
+    assert (est.eps[:4] == 0).all() and est.found.all() and not est.correct[:4].any()
+    rel = (est.eps[4:] - exact[4:]) / exact[4:]
+    assert rel.min() > -1e-4 and rel.max() < 0.01  # verified upper bounds, tight
+    s = est.summary([0.01, 0.05])
+    assert s.mean == pytest.approx(est.eps.double().mean().item())
+    assert s.median == pytest.approx(est.eps.double().quantile(0.5).item())
+    assert s.q25 <= s.median <= s.q75
+    assert s.fraction_above[0.05] == pytest.approx((est.eps > 0.05).double().mean().item())
+    assert s.num_found == 64
+
+
+def test_margin_summary_values_and_errors() -> None:
+    s = summarize_margins(torch.tensor([0.0, 0.1, 0.2, 0.3, 0.4]), [0.15, 0.35])
+    assert (s.mean, s.q25, s.median, s.q75) == pytest.approx((0.2, 0.1, 0.2, 0.3))
+    assert s.fraction_above == pytest.approx({0.15: 0.6, 0.35: 0.2})
+    with pytest.raises(ValueError, match="eps must be a non-empty 1-D tensor"):
+        summarize_margins(torch.tensor([]))
+    with pytest.raises(ValueError, match="init_eps must all be <= max_eps"):
+        estimate_margins(nn.Linear(4, 2), (torch.rand(4, 4), torch.zeros(4, dtype=torch.long)), "linf", 0.1,
+                         init_eps=[0.2])
+
+
+# --- sanity flags -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("norm, grid", [("linf", [0.02, 0.05, 0.1]), ("l2", [0.5, 1.0, 2.0])])
+def test_sanity_flags_fire_on_zero_gradient_model_and_stay_quiet_on_normal_one(
+        fixed_model, fashion, norm: str, grid: list[float]) -> None:
+    x, y = fashion["x"][:100], fashion["y"][:100]
+    for model, masked in ((fixed_model, False), (ZeroGradient(fixed_model), True)):
+        res = robust_accuracy(model, (x, y), norm, grid, nb_iter=10, restarts=1)
+        report = gradient_masking_checks(model, (x, y), res, probe_samples=100)
+        names = [c.name for c in report.checks]
+        assert names == ["monotone_in_eps", "more_steps_not_weaker", "more_restarts_not_weaker",
+                         "unbounded_eps"]
+        if masked:
+            assert not report.passed and "unbounded_eps" in report.failed, report.to_dict()
+        else:
+            assert report.passed, report.to_dict()
+
+
+def test_monotone_check_flags_a_rising_curve() -> None:
+    n = 100
+    correct = torch.ones(n, dtype=torch.bool)
+    robust = torch.zeros(n, 3, dtype=torch.bool)
+    robust[:50, 0] = True
+    robust[:20, 1] = True
+    robust[:40, 2] = True  # 20% at the middle eps, 40% at the largest: an attack got weaker
+    res = RobustnessResult("linf", (0.1, 0.2, 0.3), 1.0, (0.5, 0.2, 0.4), torch.arange(n),
+                           torch.zeros(n, dtype=torch.long), correct, robust)
+    check = check_monotone_in_eps(res)
+    assert not check.passed and check.value == pytest.approx(0.2) and "0.2 to 0.3" in check.message
+    robust[:40, 2] = False
+    robust[:10, 2] = True
+    ok = RobustnessResult("linf", (0.1, 0.2, 0.3), 1.0, (0.5, 0.2, 0.1), torch.arange(n),
+                          torch.zeros(n, dtype=torch.long), correct, robust)
+    assert check_monotone_in_eps(ok).passed
+
+
+# --- AutoAttack (optional extra) --------------------------------------------------------------------------
+def test_autoattack_missing_extra_is_a_clear_message(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "torchattacks", None)  # makes `import torchattacks` fail
+    data = (torch.rand(4, 4), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ImportError, match=r"pip install \"mma-lightning\[autoattack\]\""):
+        autoattack_accuracy(nn.Linear(4, 2), data, "linf", [0.1])
+    with pytest.raises(ImportError, match="autoattack"):  # before any PGD work
+        evaluate_model(nn.Linear(4, 2), data, "linf", [0.1], autoattack=True)
+
+
+def test_autoattack_runs_through_torchattacks_without_side_effects(fixed_model, fashion) -> None:
+    pytest.importorskip("torchattacks", reason="AutoAttack needs the 'autoattack' extra (torchattacks)")
+    x, y = fashion["x"][:32], fashion["y"][:32]
+    rng = torch.get_rng_state()
+    fixed_model.train()
+    try:
+        aa = autoattack_accuracy(fixed_model, (x, y), "linf", [0.05])
+        assert fixed_model.training and all(m.training for m in fixed_model.modules())
+    finally:
+        fixed_model.eval()
+    assert torch.equal(torch.get_rng_state(), rng)  # torchattacks re-seeds the global RNG: restored
+    pgd = robust_accuracy(fixed_model, (x, y), "linf", [0.05], nb_iter=20, restarts=1, losses=["ce"])
+    assert aa.attack == "autoattack" and aa.settings["version"] == "standard"
+    assert torch.equal(aa.correct, pgd.correct) and not (aa.robust & ~aa.correct[:, None]).any()
+    assert aa.robust_accuracy[0] <= pgd.robust_accuracy[0]  # the stronger yardstick
+
+
+# --- identity, report, callback ---------------------------------------------------------------------------
+def test_identity_fingerprints() -> None:
+    torch.manual_seed(0)
+    a, b = mlp(), mlp()
+    assert model_identity(a) == model_identity(a) and model_identity(a) != model_identity(b)
+    assert model_identity(a)["num_parameters"] == 784 * 64 + 64 + 64 * 10 + 10
+    idx, lab = torch.arange(5), torch.tensor([1, 2, 3, 4, 5])
+    assert data_identity(idx, lab)["num_samples"] == 5
+    assert data_identity(idx, lab) != data_identity(idx, lab.flip(0))
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR"
+    return struct.unpack(">II", head[16:24])
+
+
+@needs_fashion
+def test_write_report_end_to_end_on_a_fashion_mnist_checkpoint(tmp_path: Path) -> None:
+    """Train a tiny MMA model on real Fashion-MNIST, checkpoint, reload, evaluate, write the report."""
+    pl.seed_everything(0)
+    dm = FashionMNISTDataModule(data_dir=FASHION_DIR, download=False, val_size=100, batch_size=50,
+                                train_subset=500, num_workers=0)
+    module = MMAModule(mlp(), norm="linf", max_eps=0.2, min_eps=0.02, nb_iter=5, search_steps=5, eval_eps=0.1,
+                       eval_nb_iter=5, optimizer=partial(torch.optim.Adam, lr=1e-3))
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, dm)
+    ckpt = tmp_path / "mma.ckpt"
+    trainer.save_checkpoint(ckpt)
+    reloaded = MMAModule.load_from_checkpoint(ckpt, net=mlp())
+    assert torch.equal(reloaded.net[1].weight, module.net[1].weight)
+
+    dm.setup("test")
+    test_loader = dm.test_dataloader()
+    common = dict(nb_iter=10, restarts=1, margin_nb_iter=10, margin_search_steps=8, probe_samples=32,
+                  max_samples=64, progress=False, data_info={"dataset": "FashionMNIST", "split": "test"})
+    evaluations = [
+        evaluate_model(reloaded.net, test_loader, "linf", MNIST_LINF_EPS, name="MMA-0.2",
+                       model_info={"checkpoint": str(ckpt)}, **common),
+        evaluate_model(mlp(), test_loader, "linf", MNIST_LINF_EPS, name="untrained", **common),
+    ]
+    out = tmp_path / "report"
+    paths = write_report(evaluations, out)
+
+    doc = json.loads(paths.results_json.read_text())
+    assert doc["format"] == "mma-lightning/robustness-results" and "torch" in doc["software"]
+    first = doc["models"][0]
+    assert first["name"] == "MMA-0.2" and first["model"]["checkpoint"] == str(ckpt)
+    assert first["model"]["state_sha256"] == model_identity(reloaded.net)["state_sha256"]
+    assert first["data"]["num_samples"] == 64 and first["data"]["split"] == "test"
+    assert first["pgd"]["eps"] == list(MNIST_LINF_EPS) and first["pgd"]["settings"]["nb_iter"] == 10
+    assert first["pgd"]["clean_accuracy"] > 0.5  # trained on real data
+    assert first["pgd"]["avg_accuracy"] == pytest.approx(evaluations[0].pgd.avg_accuracy)
+    assert set(first["margins"]["summary"]["fraction_above"]) == {"0.1", "0.2", "0.3", "0.4"}
+    assert [c["name"] for c in first["sanity"]["checks"]][0] == "monotone_in_eps"
+
+    table = paths.table_markdown.read_text()
+    assert "| model | Clean | AvgAcc | AvgRobAcc | 0.1 | 0.2 | 0.3 | 0.4 | sanity |" in table
+    assert "| MMA-0.2 | " in table and "| untrained | " in table and "## Margins, linf" in table
+    for png in (paths.robust_accuracy_png, paths.margins_png):
+        width, height = png_size(png)
+        assert width > 300 and height > 200
+    assert sorted(p.name for p in out.iterdir()) == ["margins.png", "results.json", "results.md",
+                                                     "robust_accuracy.png"]  # no temp file left
+
+
+def test_a_failing_report_writes_no_file(tmp_path: Path, monkeypatch) -> None:
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    res = robust_accuracy(mlp(), (x, y), "linf", [0.1], nb_iter=1, restarts=1)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("plotting failed")
+
+    monkeypatch.setattr(report_module, "robust_accuracy_figure", broken)
+    with pytest.raises(RuntimeError, match="plotting failed"):
+        write_report([ModelEvaluation("m", res)], tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="names must be distinct"):
+        write_report([ModelEvaluation("m", res), ModelEvaluation("m", res)], tmp_path)
+
+
+def test_callback_logs_curve_and_margins_to_csv_and_tensorboard(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    x = torch.rand(96, 1, 4, 4)
+    y = (x.flatten(1).mean(1) > 0.5).long()
+    dm = TensorDataModule(x, y, x_val=x[:32], y_val=y[:32], batch_size=32)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    module = MMAModule(net, norm="linf", max_eps=0.2, min_eps=0.02, nb_iter=2, search_steps=2, eval_eps=0.05,
+                       eval_nb_iter=2, eval_search_steps=2, optimizer=partial(torch.optim.Adam, lr=1e-2))
+    callback = RobustnessCallback([0.02, 0.05], every_n_epochs=2, max_samples=24, nb_iter=3, margin_nb_iter=3,
+                                  margin_search_steps=3)
+    loggers = [CSVLogger(tmp_path, name="csv"), TensorBoardLogger(tmp_path, name="tb")]
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=3, logger=loggers, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+    trainer.fit(module, dm)
+    assert net.training  # the check restored the training mode
+    assert callback.last_result is not None and callback.last_result.num_samples == 24
+
+    rows = list(csv.DictReader(open(next((tmp_path / "csv").rglob("metrics.csv")))))
+    logged = [(int(r["epoch"]), float(r["robust/acc@0.05"])) for r in rows if r.get("robust/acc@0.05")]
+    assert [epoch for epoch, _ in logged] == [1]  # every 2 epochs: only after the second of three
+    assert logged[0][1] == pytest.approx(callback.last_result.robust_accuracy[1])
+    assert any(r.get("robust/margin_mean") for r in rows)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((tmp_path / "tb").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert {"robust/curve", "robust/margins"} <= set(events.Tags()["images"])
+    assert "robust/acc@0.02" in events.Tags()["scalars"]

@@ -96,6 +96,37 @@ def make_step(module: AdversarialModule, x: Tensor, y: Tensor, index: Tensor) ->
     return step
 
 
+def unit_costs(net: nn.Module, x: Tensor, y: Tensor, reps: int) -> dict[str, float]:
+    """Median seconds of the three kinds of pass a step is made of, on the same model and batch."""
+    ce = nn.functional.cross_entropy
+
+    def no_grad_forward() -> None:
+        with torch.no_grad():
+            net(x)
+
+    def attack_pass() -> None:  # forward + input-gradient backward (what one PGD step costs)
+        delta = torch.zeros_like(x, requires_grad=True)
+        torch.autograd.grad(ce(net(x + delta), y), delta)
+
+    def training_pass() -> None:  # forward + full backward (parameter gradients)
+        ce(net(x), y).backward()
+        net.zero_grad(set_to_none=True)
+
+    out = {}
+    for name, fn in (("no_grad_forward", no_grad_forward), ("attack_pass", attack_pass),
+                     ("training_pass", training_pass)):
+        fn()
+        samples = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            samples.append(time.perf_counter() - t0)
+        out[name] = statistics.median(samples)
+    return out
+
+
 def run_case(case: Case, reps: int, device: torch.device) -> float:
     torch.manual_seed(0)
     net = case.make_net().to(device)
@@ -130,6 +161,14 @@ def run_case(case: Case, reps: int, device: torch.device) -> float:
         print(f"  {name:7s} median {med[name] * 1e3:9.1f} ms   forwards {fg + fn:3d} ({fg} with autograd, "
               f"{fn} without)   backwards {b:3d}")
     print(f"  ratio MMA / PGD-AT = {ratio:.3f}")
+    # The floor the pass counts allow with these measured unit costs: MMA = 2 training passes (clean, mixed)
+    # + K attack passes + S (=10) no-grad search forwards; PGD-AT = K attack passes + 1 training pass.
+    unit = unit_costs(net.train(), x, y, reps)
+    k, s = case.nb_iter, mma.hparams.search_steps
+    floor = (2 * unit["training_pass"] + k * unit["attack_pass"] + s * unit["no_grad_forward"]) / (
+        k * unit["attack_pass"] + unit["training_pass"])
+    print("  unit costs (ms): " + ", ".join(f"{n} {v * 1e3:.1f}" for n, v in unit.items()))
+    print(f"  floor from the pass counts and unit costs = {floor:.3f} (measured / floor = {ratio / floor:.3f})")
     return ratio
 
 

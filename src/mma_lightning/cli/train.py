@@ -1,0 +1,191 @@
+"""``mma-train``: compose a run with Hydra (``conf/train.yaml``), build its objects from ``_target_``, fit.
+
+After lightning-hydra-template (ashleve): :func:`train` does the work on a composed config and returns the
+metrics (a sweeper optimises ``cfg.optimized_metric``); :func:`main` is the Hydra entry point behind the
+console script. The run directory (Hydra's) receives the resolved config (``config.yaml``), the checkpoints
+(``checkpoints/last.ckpt`` and the best by ``val/avg_eps``, the MMA reference's model selection) and the
+CSV / TensorBoard logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
+from torch import nn
+
+from mma_lightning.cli.errors import run_reporting_errors
+
+log = logging.getLogger(__name__)
+
+CONFIG_PATH = "pkg://mma_lightning.conf"
+RESOLVED_CONFIG = "config.yaml"
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit ``cfg.method`` on ``cfg.data`` with ``cfg.trainer``, then (``cfg.test``) test the best checkpoint
+    (with ``train=false``: the ``ckpt_path`` checkpoint).
+
+    Resumes from ``cfg.ckpt_path`` when given (Lightning restores weights, optimiser, LR schedule, step count
+    and the MMA eps table, a buffer of the module). Returns the last logged metrics of fit and test as floats.
+    """
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is not None and not Path(ckpt_path).expanduser().is_file():
+        raise FileNotFoundError(f"ckpt_path={str(ckpt_path)!r}: no such checkpoint file to resume from "
+                                "(e.g. <run>/checkpoints/last.ckpt)")
+    if cfg.get("seed") is not None:
+        pl.seed_everything(cfg.seed, workers=True)
+    datamodule: pl.LightningDataModule = instantiate(cfg.data)
+    module = instantiate(cfg.method)
+    if not isinstance(module, pl.LightningModule):
+        raise ValueError(f"method must build a LightningModule (method=mma, omma, pgd_at, pgdls, trades or "
+                         f"standard), got {type(module).__name__}")
+    check_model_fits_data(module, datamodule)
+    callbacks = instantiate_dict(cfg.get("callbacks"), "callbacks")
+    loggers = instantiate_dict(cfg.get("logger"), "logger")
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    check_launcher_fits_hydra_mode(trainer)
+
+    if trainer.is_global_zero:
+        save_resolved_config(cfg, Path(cfg.paths.output_dir))
+        for logger in loggers:
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+
+    metrics: dict[str, float] = {}
+    if cfg.get("train", True):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        metrics.update(floats(trainer.callback_metrics))
+    if cfg.get("test", False):
+        # The best checkpoint of this fit; with train=false, the checkpoint given as ckpt_path.
+        weights = best_checkpoint(trainer) if cfg.get("train", True) else ckpt_path
+        if weights is None:
+            log.warning("no best checkpoint (no validation ran, or no checkpoint callback): testing the "
+                        "current weights")
+        trainer.test(module, datamodule=datamodule, ckpt_path=weights)
+        metrics.update(floats(trainer.callback_metrics))
+    return metrics
+
+
+def instantiate_dict(node: DictConfig | None, name: str) -> list[Any]:
+    """The objects of a ``name -> {_target_: ...}`` group node (``callbacks``, ``logger``), in order."""
+    if node is None:
+        return []
+    if not isinstance(node, DictConfig):
+        raise ValueError(f"{name} must be a mapping name -> {{_target_: ...}}, got {type(node).__name__}")
+    objects = []
+    for key, conf in node.items():
+        if not (isinstance(conf, DictConfig) and "_target_" in conf):
+            raise ValueError(f"{name}.{key} must be a config with a _target_, got {conf!r}")
+        objects.append(instantiate(conf))
+    return objects
+
+
+def check_model_fits_data(module: pl.LightningModule, datamodule: pl.LightningDataModule) -> None:
+    """Forward two blank images of the data's shape: a clear error now, not a shape error mid-training."""
+    shape = getattr(datamodule, "image_shape", None)
+    num_classes = getattr(datamodule, "num_classes", None)
+    net = getattr(module, "net", None)
+    if shape is None or not isinstance(net, nn.Module):
+        return
+    choices = _choices()
+    model_name = choices.get("model", type(net).__name__)
+    data_name = choices.get("data", type(datamodule).__name__)
+    modes = {m: m.training for m in net.modules()}
+    try:
+        net.eval()
+        with torch.no_grad():
+            logits = net(torch.zeros(2, *shape))
+    except RuntimeError as err:
+        raise ValueError(f"model={model_name} does not accept data={data_name} images of shape "
+                         f"{tuple(shape)} ({err}); choose a model for these images (e.g. model=lenet5_madry "
+                         f"for 1x28x28, model=wrn28_4 for 3x32x32) or a preset (experiment=...)") from None
+    finally:
+        for m, training in modes.items():
+            m.train(training)
+    if num_classes is not None and logits.shape[-1] != num_classes:
+        raise ValueError(f"model={model_name} outputs {logits.shape[-1]} logits but data={data_name} has "
+                         f"{num_classes} classes: set dataset.num_classes={num_classes}")
+
+
+def check_launcher_fits_hydra_mode(trainer: pl.Trainer) -> None:
+    """Strategy ``ddp`` re-launches the script with its command line, which inside a Hydra multirun would
+    start the whole sweep again per device (lightning-notes 8): refuse it there, ``ddp_spawn`` works."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    if isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher):
+        raise ValueError("trainer.strategy=ddp re-launches mma-train once per device, which a Hydra "
+                         "multirun (-m, hparams_search) does not support: use trainer.strategy=ddp_spawn in "
+                         "a multirun")
+
+
+def save_resolved_config(cfg: DictConfig, run_dir: Path) -> Path:
+    """Write ``cfg`` with every interpolation resolved to ``<run_dir>/config.yaml`` (atomically); ``mma-eval``
+    rebuilds the run's data, model and method from it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / RESOLVED_CONFIG
+    resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    write_atomically(path, OmegaConf.to_yaml(OmegaConf.create(resolved)))
+    return path
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder: never a half-written file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def best_checkpoint(trainer: pl.Trainer) -> str | None:
+    """Path of the best checkpoint of the trainer's ``ModelCheckpoint`` (``None`` if there is none yet)."""
+    callback = trainer.checkpoint_callback
+    path = getattr(callback, "best_model_path", "") if callback is not None else ""
+    return path or None
+
+
+def floats(metrics: dict[str, Any]) -> dict[str, float]:
+    """Logged metrics (tensors) as plain floats."""
+    return {key: float(value) for key, value in metrics.items()}
+
+
+def metric_value(metrics: dict[str, float], name: str | None) -> float | None:
+    """``metrics[name]`` for a sweeper (``None`` when no metric is asked for); a clear error if absent."""
+    if not name:
+        return None
+    if name not in metrics:
+        raise ValueError(f"optimized_metric={name!r} was not logged; logged metrics: {sorted(metrics)} "
+                         "(does the run validate at least once? see trainer.val_check_interval)")
+    return metrics[name]
+
+
+def _choices() -> dict[str, str]:
+    """Hydra's group choices of this run (``{}`` outside a Hydra app)."""
+    if not HydraConfig.initialized():
+        return {}
+    return {k: str(v) for k, v in HydraConfig.get().runtime.choices.items() if v is not None}
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Entry point of ``mma-train`` (Hydra's command line): :func:`train`, then ``cfg.optimized_metric``."""
+    metrics = run_reporting_errors(lambda: train(cfg))
+    return metric_value(metrics, cfg.get("optimized_metric"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""``mma-train`` / ``mma-eval`` end to end: the installed console scripts as subprocesses, on real
+Fashion-MNIST (Debian's dataset-fashion-mnist) with tiny settings (200 training images, 4 steps per epoch,
+2 PGD steps).
+
+Covered: what a run directory holds, resuming from ``ckpt_path`` (step count, optimiser, LR schedule, eps
+table), ``mma-eval``, a multirun with two values, an Optuna sweep of 2 trials, 2-process CPU DDP (one run
+directory, the same eps table on both ranks and in the checkpoint) and the bad-input errors.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import yaml
+
+BIN = Path(sys.executable).parent
+TESTS = Path(__file__).resolve().parent
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+IDX = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+       "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+pytestmark = pytest.mark.skipif(
+    not all((FASHION / f"{name}.gz").is_file() for name in IDX),
+    reason=f"Fashion-MNIST IDX files not in {FASHION}: `apt-get install -y dataset-fashion-mnist`",
+)
+
+# experiment=quickstart (Fashion-MNIST from FASHION, LeNet5-Madry, Linf, MMA, CPU), made tiny: batch 50 of 200
+# training images = 4 steps per epoch, validation (100 images) and checkpoints at every epoch end.
+TINY = [
+    "experiment=quickstart",
+    "data.train_subset=200",
+    "data.val_size=100",
+    "data.eval_batch_size=100",
+    "trainer.val_check_interval=1.0",
+    "trainer.check_val_every_n_epoch=1",
+    "trainer.limit_test_batches=1",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "attack.nb_iter=2",
+    "attack.eval_nb_iter=2",
+    "method.search_steps=3",
+    "method.eval_search_steps=3",
+]
+# A step-indexed LR table that changes inside the runs below: lr 1e-3, then 1e-4 from step 6.
+SCHEDULE = ["scheduler=piecewise_constant", "scheduler.boundaries=[6]", "scheduler.factors=[1.0,0.1]"]
+
+
+class EpsTableDump(pl.Callback):
+    """Test helper, built inside the subprocesses (``PYTHONPATH`` holds tests/): saves each rank's MMA eps
+    table at the start and the end of training as ``<dirpath>/<start|end>_rank<r>.pt``."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = Path(dirpath)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Dump the table as training starts (after a checkpoint was restored)."""
+        self._dump(trainer, pl_module, "start")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Dump the table as training ends."""
+        self._dump(trainer, pl_module, "end")
+
+    def _dump(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str) -> None:
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        path = self.dirpath / f"{when}_rank{trainer.global_rank}.pt"
+        torch.save(pl_module.eps_store.eps.detach().cpu().clone(), path)
+
+
+def eps_dump(dirpath: Path) -> list[str]:
+    """Overrides adding :class:`EpsTableDump` to a run's callbacks."""
+    return ["+callbacks.eps_dump._target_=test_cli.EpsTableDump", f"+callbacks.eps_dump.dirpath={dirpath}"]
+
+
+def run_cli(command: str, *overrides: str, cwd: Path, ok: bool = True) -> subprocess.CompletedProcess:
+    """Run an installed console script from ``cwd``; with ``ok`` it must succeed."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    env = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
+    proc = subprocess.run([str(BIN / command), *overrides], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+    if ok:
+        output = f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        assert proc.returncode == 0, f"{command} {' '.join(overrides)} failed:\n{output}"
+    return proc
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    """Rows of a CSVLogger metrics file."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def column(rows: list[dict[str, str]], name: str) -> list[tuple[int, float]]:
+    """``(step, value)`` of the rows where ``name`` was logged."""
+    return [(int(r["step"]), float(r[name])) for r in rows if r.get(name)]
+
+
+def load_ckpt(path: Path) -> dict:
+    """A Lightning checkpoint as a dict."""
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny training run of 8 steps (2 epochs, 2 validations) with an LR step at 6, then tested."""
+    root = tmp_path_factory.mktemp("trained")
+    run_dir = root / "run"
+    run_cli("mma-train", *TINY, *SCHEDULE, "trainer.max_steps=8", f"hydra.run.dir={run_dir}",
+            *eps_dump(root / "dumps"), cwd=root)
+    return run_dir
+
+
+def test_train_run_dir_holds_resolved_config_checkpoints_and_logs(trained_run: Path):
+    config = yaml.safe_load((trained_run / "config.yaml").read_text())
+    assert "${" not in (trained_run / "config.yaml").read_text()  # resolved
+    assert config["trainer"]["max_steps"] == 8 and config["method"]["net"]["_target_"].endswith("LeNet5Madry")
+    assert config["paths"]["output_dir"] == str(trained_run)
+    assert (trained_run / ".hydra" / "overrides.yaml").is_file()
+
+    checkpoints = sorted(p.name for p in (trained_run / "checkpoints").iterdir())
+    assert len(checkpoints) == 2 and "last.ckpt" in checkpoints and checkpoints[0].startswith("best-step")
+    last = load_ckpt(trained_run / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 8
+    eps = last["state_dict"]["eps_store.eps"]
+    assert eps.shape == (200,) and (eps > 0).any()
+    assert torch.equal(eps, torch.load(trained_run.parent / "dumps" / "end_rank0.pt"))
+
+    rows = read_csv(trained_run / "csv" / "metrics.csv")
+    assert [step for step, _ in column(rows, "val/avg_eps")] == [3, 7]  # each epoch end (steps 0-based)
+    assert len(column(rows, "test/robust_acc")) == 1
+    assert list((trained_run / "tensorboard").glob("events.out.tfevents.*"))
+    assert (trained_run / "train.log").is_file()
+
+
+def test_resume_continues_step_count_optimiser_schedule_and_eps_table(trained_run: Path, tmp_path: Path):
+    last = trained_run / "checkpoints" / "last.ckpt"
+    run_dir = tmp_path / "resumed"
+    run_cli("mma-train", *TINY, *SCHEDULE, "trainer.max_steps=12", "test=false", f"ckpt_path={last}",
+            f"hydra.run.dir={run_dir}", *eps_dump(tmp_path / "dumps"), cwd=tmp_path)
+
+    saved = load_ckpt(last)["state_dict"]["eps_store.eps"]
+    assert torch.equal(torch.load(tmp_path / "dumps" / "start_rank0.pt"), saved)  # eps memory restored
+    resumed = load_ckpt(run_dir / "checkpoints" / "last.ckpt")
+    assert resumed["global_step"] == 12
+    assert int(resumed["optimizer_states"][0]["state"][0]["step"]) == 12  # Adam went on, did not restart
+    assert resumed["lr_schedulers"][0]["last_epoch"] == 12
+    lrs = column(read_csv(run_dir / "csv" / "metrics.csv"), "lr-Adam")
+    assert lrs and min(step for step, _ in lrs) >= 8  # logging continues at step 8, not 0
+    assert all(lr == pytest.approx(1e-4) for _, lr in lrs)  # the schedule is past its step-6 boundary
+
+
+def test_eval_tests_a_checkpoint_with_its_run_config(trained_run: Path, tmp_path: Path):
+    best = next((trained_run / "checkpoints").glob("best-*.ckpt"))
+    run_cli("mma-eval", f"ckpt_path={best}", f"hydra.run.dir={tmp_path / 'eval'}", "+data.num_workers=0",
+            "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false", cwd=tmp_path)
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert report["ckpt_path"] == str(best) and report["attack"]["eval_eps"] == pytest.approx(0.1)
+    metrics = report["metrics"]
+    assert set(metrics) == {"test/acc", "test/robust_acc", "test/avg_eps", "test/loss"}
+    assert 0 <= metrics["test/robust_acc"] <= metrics["test/acc"] <= 1
+    # Training tested the same checkpoint on the same 100 test images: the clean accuracy must match.
+    (_, trained_acc), = column(read_csv(trained_run / "csv" / "metrics.csv"), "test/acc")
+    assert metrics["test/acc"] == pytest.approx(trained_acc)
+
+
+def test_multirun_two_values(tmp_path: Path):
+    sweep = tmp_path / "multirun"
+    run_cli("mma-train", "-m", *TINY, "seed=0,1", "trainer.max_steps=4", "test=false",
+            f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    seeds = [yaml.safe_load((sweep / job / "config.yaml").read_text())["seed"] for job in ("0", "1")]
+    assert seeds == [0, 1]
+    weights = [load_ckpt(sweep / job / "checkpoints" / "last.ckpt")["state_dict"]["net.classifier.fc2.weight"]
+               for job in ("0", "1")]
+    assert not torch.equal(*weights)
+
+
+def test_optuna_sweep_of_two_trials(tmp_path: Path):
+    sweep = tmp_path / "optuna"
+    run_cli("mma-train", *TINY, "hparams_search=optuna", "hydra.sweeper.n_trials=2", "trainer.max_steps=4",
+            "test=false", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert 0 <= result["best_value"] <= 1
+    assert set(result["best_params"]) == {"optimizer.lr", "method.clean_loss_coeff"}
+    lrs = {yaml.safe_load((sweep / job / "config.yaml").read_text())["optimizer"]["lr"] for job in ("0", "1")}
+    assert len(lrs) == 2  # two different trials
+
+
+def test_ddp_cpu_two_processes_one_run_dir_one_eps_table(tmp_path: Path):
+    cwd, dumps = tmp_path / "cwd", tmp_path / "dumps"
+    run_dir = cwd / "run"
+    run_cli("mma-train", *TINY, "trainer=ddp_cpu", "trainer.max_steps=8", "test=false",
+            f"hydra.run.dir={run_dir}", *eps_dump(dumps), cwd=cwd)
+    assert sorted(p.name for p in cwd.iterdir()) == ["run"]  # no second run directory for the second process
+    assert (run_dir / "train_ddp_process_1.log").is_file() and (run_dir / "config.yaml").is_file()
+    rank0, rank1 = torch.load(dumps / "end_rank0.pt"), torch.load(dumps / "end_rank1.pt")
+    assert rank0.shape == (200,) and (rank0 > 0).any()
+    assert torch.equal(rank0, rank1)
+    assert torch.equal(load_ckpt(run_dir / "checkpoints" / "last.ckpt")["state_dict"]["eps_store.eps"], rank0)
+
+
+@pytest.mark.parametrize(("command", "overrides", "message"), [
+    ("mma-train", ["norm.name=l3"], "norm must be one of ['linf', 'l2'], got 'l3'"),
+    ("mma-train", ["data.data_dir={tmp}/nowhere"], "FashionMNIST not found (download=False)"),
+    ("mma-train", ["trainer=ddp_cpu", "data.batch_size=51"],
+     "batch_size=51 is the global batch size and must be divisible by the trainer's world size (2 devices)"),
+    ("mma-train", ["ckpt_path={tmp}/missing.ckpt"], "no such checkpoint file to resume from"),
+    ("mma-train", ["trainer=ddp_cpu", "seed=0,1", "--multirun"],
+     "use trainer.strategy=ddp_spawn in a multirun"),
+    ("mma-eval", ["ckpt_path={tmp}/missing.ckpt"], "no such checkpoint file"),
+], ids=["norm", "missing-data", "batch-vs-devices", "resume-missing", "multirun-ddp", "eval-missing"])
+def test_bad_input_fails_with_the_library_message(command: str, overrides: list[str], message: str,
+                                                  tmp_path: Path):
+    overrides = [o.format(tmp=tmp_path) for o in overrides]
+    base = TINY if command == "mma-train" else []
+    dirs = [f"hydra.run.dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    proc = run_cli(command, *base, *dirs, *overrides, cwd=tmp_path, ok=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-3000:]
+    report = proc.stderr[proc.stderr.index("Error executing job"):]
+    assert "site-packages" not in report, report  # the message, without Lightning's or Hydra's frames
+    leftovers = [p for p in tmp_path.rglob("*") if p.suffix in (".ckpt", ".json")]
+    assert leftovers == []  # nothing written that looks like a result

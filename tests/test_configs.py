@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from setuptools import find_packages
 
 from mma_lightning.cli.train import check_model_fits_data, instantiate_dict
-from mma_lightning.methods import AdversarialModule, MMAModule
+from mma_lightning.methods import AdversarialModule, MMAModule, PGDATModule, PGDLSModule
 from mma_lightning.methods.schedules import piecewise_constant
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,8 +104,38 @@ def test_setup_cfg_lists_every_package_and_ships_conf():
 # --- presets ------------------------------------------------------------------------------------------------
 
 
+# The baselines of the paper's comparisons (issue 5): PGD-eps and PGDLS-eps on each eps grid of the doc.
+BASELINE_GRIDS = {
+    ("mnist", "linf"): {"01": 0.1, "02": 0.2, "03": 0.3, "04": 0.4},
+    ("mnist", "l2"): {"1": 1.0, "2": 2.0, "3": 3.0, "4": 4.0},
+    ("cifar10", "linf"): {str(e): e / 255 for e in (8, 16, 24, 32)},
+    ("cifar10", "l2"): {"05": 0.5, "10": 1.0, "15": 1.5, "20": 2.0, "25": 2.5},
+}
+BASELINE_PRESETS = {
+    f"{recipe}_{norm}_{method}{tag}": (recipe, norm, method, eps)
+    for (recipe, norm), grid in BASELINE_GRIDS.items() for tag, eps in grid.items() for method in ("pgd", "pgdls")
+}
+
+MMA_TWIN = {("mnist", "linf"): "mnist_linf_mma045", ("mnist", "l2"): "mnist_l2_mma4",
+            ("cifar10", "linf"): "cifar10_linf_mma32", ("cifar10", "l2"): "cifar10_l2_mma2"}
+
+
 def test_every_paper_run_has_a_preset():
-    assert set(PAPER_PRESETS) | {"quickstart", "paper_mnist", "paper_cifar10"} == set(options("experiment"))
+    assert set(PAPER_PRESETS) | set(BASELINE_PRESETS) | {"quickstart", "paper_mnist", "paper_cifar10"} == set(
+        options("experiment"))
+
+
+@pytest.mark.parametrize("preset", sorted(BASELINE_PRESETS))
+def test_baseline_preset_uses_the_mma_recipe(preset, tmp_path):
+    recipe, norm, method, eps = BASELINE_PRESETS[preset]
+    cfg = compose_train(f"experiment={preset}", output_dir=str(tmp_path))
+    mma = compose_train(f"experiment={MMA_TWIN[recipe, norm]}", output_dir=str(tmp_path))
+    module = instantiate(cfg.method)
+    assert type(module) is {"pgd": PGDATModule, "pgdls": PGDLSModule}[method]
+    assert module.hparams.norm == norm and module.hparams.eps == pytest.approx(eps)
+    assert module.hparams.nb_iter == mma.attack.nb_iter
+    for node in ("data", "model", "optimizer", "scheduler", "trainer"):
+        assert cfg[node] == mma[node], node
 
 
 @pytest.mark.parametrize("preset", sorted(PAPER_PRESETS))

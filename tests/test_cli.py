@@ -50,6 +50,20 @@ TINY = [
     "method.search_steps=3",
     "method.eval_search_steps=3",
 ]
+# mma-eval's robustness evaluation made tiny: 50 test points, 2 PGD steps, 1 restart per loss, short margin
+# searches and sanity probes (the method's test_step runs on one batch of 100).
+EVAL_FAST = [
+    "evaluation=fast",
+    "evaluation.max_samples=50",
+    "evaluation.nb_iter=2",
+    "evaluation.margin_nb_iter=2",
+    "evaluation.margin_search_steps=3",
+    "evaluation.probe_samples=20",
+    "evaluation.progress=false",
+    "+data.num_workers=0",
+    "trainer.limit_test_batches=1",
+    "trainer.enable_progress_bar=false",
+]
 # A step-indexed LR table that changes inside the runs below: lr 1e-3, then 1e-4 from step 6.
 SCHEDULE = ["scheduler=piecewise_constant", "scheduler.boundaries=[6]", "scheduler.factors=[1.0,0.1]"]
 
@@ -158,18 +172,69 @@ def test_resume_continues_step_count_optimiser_schedule_and_eps_table(trained_ru
     assert all(lr == pytest.approx(1e-4) for _, lr in lrs)  # the schedule is past its step-6 boundary
 
 
-def test_eval_tests_a_checkpoint_with_its_run_config(trained_run: Path, tmp_path: Path):
+def test_eval_tests_a_checkpoint_with_its_run_config_and_writes_the_report(trained_run: Path, tmp_path: Path):
     best = next((trained_run / "checkpoints").glob("best-*.ckpt"))
-    run_cli("mma-eval", f"ckpt_path={best}", f"hydra.run.dir={tmp_path / 'eval'}", "+data.num_workers=0",
-            "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false", cwd=tmp_path)
-    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert report["ckpt_path"] == str(best) and report["attack"]["eval_eps"] == pytest.approx(0.1)
-    metrics = report["metrics"]
+    out = tmp_path / "eval"
+    run_cli("mma-eval", f"ckpt_path={best}", f"hydra.run.dir={out}", *EVAL_FAST, cwd=tmp_path)
+    report = json.loads((out / "metrics.json").read_text())
+    (tested,) = report["checkpoints"]
+    assert tested["ckpt_path"] == str(best) and tested["attack"]["eval_eps"] == pytest.approx(0.1)
+    metrics = tested["metrics"]
     assert set(metrics) == {"test/acc", "test/robust_acc", "test/avg_eps", "test/loss"}
     assert 0 <= metrics["test/robust_acc"] <= metrics["test/acc"] <= 1
     # Training tested the same checkpoint on the same 100 test images: the clean accuracy must match.
     (_, trained_acc), = column(read_csv(trained_run / "csv" / "metrics.csv"), "test/acc")
     assert metrics["test/acc"] == pytest.approx(trained_acc)
+
+    # The robustness report: the paper's (Fashion-)MNIST Linf grid, chosen from the run's data and norm.
+    (model,) = json.loads((out / "results.json").read_text())["models"]
+    assert model["name"] == "quickstart/mma"
+    pgd = model["pgd"]
+    assert pgd["norm"] == "linf" and pgd["eps"] == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    assert len(pgd["robust_accuracy"]) == 4 and all(0 <= a <= 1 for a in pgd["robust_accuracy"])
+    assert pgd["settings"]["nb_iter"] == 2 and pgd["settings"]["step_fraction"] == pytest.approx(1 / 40)
+    assert model["model"]["ckpt_path"] == str(best.resolve()) and len(model["model"]["state_sha256"]) == 64
+    assert model["data"]["split"] == "test" and model["data"]["num_samples"] == 50
+    assert model["margins"] is not None and model["sanity"] is not None
+    table = (out / "results.md").read_text()
+    assert "| model | Clean | AvgAcc | AvgRobAcc | 0.1 | 0.2 | 0.3 | 0.4 | sanity |" in table
+    assert "| quickstart/mma |" in table
+    for png in ("robust_accuracy.png", "margins.png"):
+        data = (out / png).read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000
+
+
+def test_eval_compares_several_checkpoints_in_one_table(trained_run: Path, tmp_path: Path):
+    best = next((trained_run / "checkpoints").glob("best-*.ckpt"))
+    last = trained_run / "checkpoints" / "last.ckpt"
+    out = tmp_path / "eval"
+    run_cli("mma-eval", f"ckpt_paths=[{best},{last}]", f"hydra.run.dir={out}", *EVAL_FAST, "test_step=false",
+            "evaluation.eps_grid=[0.05,0.1]", "evaluation.losses=[ce]", "evaluation.margins=false",
+            "evaluation.sanity=false", cwd=tmp_path)
+    models = json.loads((out / "results.json").read_text())["models"]
+    names = [m["name"] for m in models]
+    assert names == [f"quickstart/mma@{best.stem}", "quickstart/mma@last"]  # same run: told apart by file
+    assert all(m["pgd"]["eps"] == pytest.approx([0.05, 0.1]) for m in models)
+    table = (out / "results.md").read_text()
+    assert table.count("| model | Clean | AvgAcc | AvgRobAcc | 0.05 | 0.1 | sanity |") == 1  # one table
+    assert all(f"| {name} |" in table for name in names)
+    assert (out / "robust_accuracy.png").read_bytes().startswith(b"\x89PNG")
+    assert not (out / "margins.png").exists() and not (out / "metrics.json").exists()
+
+
+def test_eval_refuses_checkpoints_of_different_norms(trained_run: Path, tmp_path: Path):
+    l2_run = tmp_path / "l2_run"
+    (l2_run / "checkpoints").mkdir(parents=True)
+    config = yaml.safe_load((trained_run / "config.yaml").read_text())
+    config["method"]["norm"] = "l2"
+    (l2_run / "config.yaml").write_text(yaml.safe_dump(config))
+    (l2_run / "checkpoints" / "last.ckpt").symlink_to(trained_run / "checkpoints" / "last.ckpt")
+    proc = run_cli("mma-eval", f"ckpt_paths=[{trained_run / 'checkpoints' / 'last.ckpt'},"
+                   f"{l2_run / 'checkpoints' / 'last.ckpt'}]", f"hydra.run.dir={tmp_path / 'eval'}",
+                   cwd=tmp_path, ok=False)
+    assert proc.returncode != 0
+    assert "the checkpoints of one comparison must share one norm" in proc.stderr, proc.stderr[-3000:]
+    assert not list((tmp_path / "eval").glob("*.json"))
 
 
 def test_multirun_two_values(tmp_path: Path):
@@ -216,16 +281,26 @@ def test_ddp_cpu_two_processes_one_run_dir_one_eps_table(tmp_path: Path):
     ("mma-train", ["trainer=ddp_cpu", "seed=0,1", "--multirun"],
      "use trainer.strategy=ddp_spawn in a multirun"),
     ("mma-eval", ["ckpt_path={tmp}/missing.ckpt"], "no such checkpoint file"),
-], ids=["norm", "missing-data", "batch-vs-devices", "resume-missing", "multirun-ddp", "eval-missing"])
+    ("mma-eval", [], "give the checkpoint to evaluate as ckpt_path=<file> or several to compare as"),
+    ("mma-eval", ["ckpt_path={ckpt}", "evaluation.eps_grid=[0.1,-0.2]"],
+     "evaluation.eps_grid must hold finite eps > 0"),
+    ("mma-eval", ["ckpt_path={ckpt}", "evaluation.eps_grid=svhn-linf"],
+     "evaluation.eps_grid must be one of ['cifar10-l2', 'cifar10-linf', 'mnist-l2', 'mnist-linf']"),
+], ids=["norm", "missing-data", "batch-vs-devices", "resume-missing", "multirun-ddp", "eval-missing",
+        "eval-no-ckpt", "eval-bad-grid", "eval-unknown-grid"])
 def test_bad_input_fails_with_the_library_message(command: str, overrides: list[str], message: str,
-                                                  tmp_path: Path):
-    overrides = [o.format(tmp=tmp_path) for o in overrides]
+                                                  tmp_path: Path, request: pytest.FixtureRequest):
+    ckpt = ""
+    if "{ckpt}" in " ".join(overrides):  # only these cases need the trained run
+        ckpt = str(request.getfixturevalue("trained_run") / "checkpoints" / "last.ckpt")
+    overrides = [o.format(tmp=tmp_path, ckpt=ckpt) for o in overrides]
     base = TINY if command == "mma-train" else []
     dirs = [f"hydra.run.dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     proc = run_cli(command, *base, *dirs, *overrides, cwd=tmp_path, ok=False)
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-3000:]
     report = proc.stderr[proc.stderr.index("Error executing job"):]
-    assert "site-packages" not in report, report  # the message, without Lightning's or Hydra's frames
+    # The message, without Lightning's or Hydra's frames (our own frames may live in site-packages).
+    assert "pytorch_lightning" not in report and "hydra/_internal" not in report, report
     leftovers = [p for p in tmp_path.rglob("*") if p.suffix in (".ckpt", ".json")]
     assert leftovers == []  # nothing written that looks like a result

@@ -19,7 +19,9 @@ from hydra.utils import get_class, get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 from setuptools import find_packages
 
+from mma_lightning.cli.eval import checkpoint_paths
 from mma_lightning.cli.train import check_model_fits_data, instantiate_dict
+from mma_lightning.evaluation import RobustnessCallback, evaluate_model
 from mma_lightning.methods import AdversarialModule, MMAModule, PGDATModule, PGDLSModule
 from mma_lightning.methods.schedules import piecewise_constant
 
@@ -281,6 +283,25 @@ def test_callbacks_keep_last_and_best_by_average_margin(tmp_path):
     assert instantiate_dict(compose_train("callbacks=none").get("callbacks"), "callbacks") == []
 
 
+@pytest.mark.parametrize(("data", "norm"), [("mnist", "linf"), ("cifar10", "l2")])
+def test_robustness_callback_is_opt_in_with_the_attack_eps(data, norm, tmp_path):
+    assert "robustness" not in compose_train(output_dir=str(tmp_path)).callbacks  # not on by default
+    cfg = compose_train(f"data={data}", f"norm={norm}", "callbacks=[default,robustness]",
+                        output_dir=str(tmp_path))
+    callback = instantiate_dict(cfg.callbacks, "callbacks")[-1]
+    assert isinstance(callback, RobustnessCallback) and callback.norm == norm
+    assert callback.eps_grid == (cfg.attack.min_eps, cfg.attack.eval_eps, cfg.attack.max_eps)
+
+
+@pytest.mark.parametrize("evaluation", options("evaluation"))
+def test_eval_evaluation_option_builds_the_evaluator(evaluation):
+    with initialize_config_module(config_module="mma_lightning.conf", version_base="1.3"):
+        cfg = compose(config_name="eval", overrides=["paths.output_dir=unused", f"evaluation={evaluation}"])
+    evaluator = instantiate(cfg.evaluation)
+    assert evaluator.func is evaluate_model
+    assert set(evaluator.keywords) <= set(inspect.signature(evaluate_model).parameters)
+
+
 def test_optuna_search_space_names_existing_keys():
     with initialize_config_module(config_module="mma_lightning.conf", version_base="1.3"):
         cfg = compose(config_name="train", overrides=["hparams_search=optuna"], return_hydra_config=True)
@@ -294,7 +315,9 @@ def test_optuna_search_space_names_existing_keys():
 def test_eval_config_requires_a_checkpoint():
     with initialize_config_module(config_module="mma_lightning.conf", version_base="1.3"):
         cfg = compose(config_name="eval", overrides=["paths.output_dir=unused"])
-    assert OmegaConf.is_missing(cfg, "ckpt_path")
+    assert cfg.ckpt_path is None and cfg.ckpt_paths is None  # one of the two is required (checked by mma-eval)
+    with pytest.raises(ValueError, match="ckpt_path=<file> or several to compare as ckpt_paths"):
+        checkpoint_paths(cfg.ckpt_path, cfg.ckpt_paths)
     assert cfg.trainer.devices == 1 and cfg.trainer.inference_mode is False
 
 

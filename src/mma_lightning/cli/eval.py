@@ -1,58 +1,138 @@
-"""``mma-eval``: evaluate a checkpoint of an ``mma-train`` run on the test split (``conf/eval.yaml``).
+"""``mma-eval``: evaluate one or several checkpoints of ``mma-train`` runs on the test split
+(``conf/eval.yaml``).
 
-The run's data, model and method are rebuilt from the resolved config ``mma-train`` saved in the run directory
-(``<run>/config.yaml``, found from ``ckpt_path``), with the changes given as ``+data.<key>=...`` /
-``+method.<key>=...``; the checkpoint is loaded by ``trainer.test``, which runs the method's ``test_step``:
-clean accuracy, PGD robust accuracy at ``eval_eps`` and the average margin estimate (the MMA reference's
-evaluation, Ding et al., ICLR 2020). The metrics are printed and written to ``<eval run>/metrics.json``.
+Each run's data, model and method are rebuilt from the resolved config ``mma-train`` saved in its run
+directory (``<run>/config.yaml``, found from the checkpoint), with the changes given as ``+data.<key>=...`` /
+``+method.<key>=...``, and the checkpoint's weights are loaded. Per checkpoint, on one device:
 
-:func:`evaluate` is a short sequence of steps (:func:`load_run_config`, :func:`build_run`,
-:func:`run_test_split`, :func:`write_report`), so that further evaluations (per-eps tables, plots) can be
-added as steps.
+- optionally (``test_step``) the method's own ``test_step`` through ``trainer.test``: clean accuracy, PGD
+  robust accuracy at ``eval_eps`` and the average margin, the numbers ``mma-train`` logs (``metrics.json``);
+- the robustness evaluation built from the ``evaluation`` group
+  (:func:`mma_lightning.evaluation.evaluate_model`, by default the MMA paper's protocol, Ding et al.,
+  ICLR 2020) over an eps grid chosen by the run's dataset and norm unless given.
+
+All evaluations go into one report (:func:`mma_lightning.evaluation.write_report`): ``results.json``,
+``results.md`` (one comparison table), ``robust_accuracy.png`` (one curve per checkpoint) and ``margins.png``.
+Every input is checked before the first evaluation, and every file is written atomically after the last one.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from mma_lightning.cli.errors import run_reporting_errors
 from mma_lightning.cli.train import CONFIG_PATH, RESOLVED_CONFIG, floats, write_atomically
+from mma_lightning.evaluation import (
+    DEFAULT_STEP_FRACTION,
+    EPS_GRIDS,
+    MNIST_LINF_STEP_FRACTION,
+    ModelEvaluation,
+    eps_grid,
+    write_report,
+)
+from mma_lightning.evaluation.protocol import check_eps_grid
+from mma_lightning.evaluation.robustness import check_norm
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "metrics.json"
 EVAL_KEYS = ("norm", "eval_eps", "eval_nb_iter", "eval_step_scale", "eval_max_eps", "eval_search_steps")
+# The data of a run (the class name of its `data._target_`) -> the family of its preset eps grids.
+GRID_FAMILIES = {"MNISTDataModule": "mnist", "FashionMNISTDataModule": "mnist", "mnist5k_datamodule": "mnist",
+                 "CIFAR10DataModule": "cifar10"}
 
 
-def evaluate(cfg: DictConfig) -> dict[str, float]:
-    """Test ``cfg.ckpt_path`` with the data and method of its training run; returns the ``test/...``
-    metrics."""
-    ckpt_path = Path(cfg.ckpt_path).expanduser()
-    if not ckpt_path.is_file():
-        raise FileNotFoundError(f"ckpt_path={str(cfg.ckpt_path)!r}: no such checkpoint file (expected e.g. "
-                                "<run>/checkpoints/last.ckpt of an mma-train run)")
-    run_cfg = load_run_config(ckpt_path, cfg.get("run_config"))
-    run_cfg = OmegaConf.merge(run_cfg, {"data": cfg.get("data") or {}, "method": cfg.get("method") or {}})
+@dataclass
+class Checkpoint:
+    """One checkpoint to evaluate: its file, its label, its run's config and the protocol's radii."""
+
+    path: Path
+    name: str
+    run_cfg: DictConfig
+    norm: str
+    eps_grid: tuple[float, ...]
+    step_fraction: float
+
+
+def evaluate(cfg: DictConfig) -> list[ModelEvaluation]:
+    """Evaluate the checkpoints of ``cfg`` (``ckpt_path`` or ``ckpt_paths``) and write the report into the
+    eval run directory; returns the evaluations in the order of the checkpoints."""
+    checkpoints = plan_checkpoints(cfg)
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
-    datamodule, module = build_run(run_cfg)
-    trainer: pl.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
-    metrics = run_test_split(trainer, module, datamodule, ckpt_path)
-    if trainer.is_global_zero:
-        settings = {key: run_cfg.method.get(key) for key in EVAL_KEYS}
-        write_report(Path(cfg.paths.output_dir) / REPORT_FILE, ckpt_path, metrics, settings)
-    return metrics
+    evaluator: Callable[..., ModelEvaluation] = instantiate(cfg.evaluation)
+    trainer: pl.Trainer | None = None
+    if cfg.get("test_step", True):
+        trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
+        if trainer.world_size != 1:
+            raise ValueError(f"mma-eval runs on one device: trainer.devices must be 1 (got a world size of "
+                             f"{trainer.world_size})")
+    device = torch.device(cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    evaluations, tested = [], []
+    for ckpt in checkpoints:
+        evaluation, metrics = evaluate_checkpoint(ckpt, evaluator, trainer, device)
+        evaluations.append(evaluation)
+        if metrics is not None:
+            settings = {key: ckpt.run_cfg.method.get(key) for key in EVAL_KEYS}
+            tested.append({"name": ckpt.name, "ckpt_path": str(ckpt.path), "attack": settings,
+                           "metrics": metrics})
+    out_dir = Path(cfg.paths.output_dir)
+    paths = write_report(evaluations, out_dir, title=cfg.get("title") or "Robustness evaluation")
+    if tested:
+        write_test_metrics(out_dir / REPORT_FILE, tested)
+    log.info("report written to %s and %s", paths.results_json, paths.table_markdown)
+    return evaluations
 
 
-def load_run_config(ckpt_path: Path, run_config: str | None = None) -> DictConfig:
+def plan_checkpoints(cfg: DictConfig) -> list[Checkpoint]:
+    """The checkpoints of ``cfg`` with their run configs, labels and radii; every input error is raised here,
+    before any evaluation."""
+    paths = checkpoint_paths(cfg.get("ckpt_path"), cfg.get("ckpt_paths"))
+    if cfg.get("run_config") is not None and len(paths) > 1:
+        raise ValueError("run_config applies to one checkpoint (ckpt_path=...); with ckpt_paths each run's "
+                         f"{RESOLVED_CONFIG} is found from its checkpoint")
+    changes = {"data": cfg.get("data") or {}, "method": cfg.get("method") or {}}
+    run_files = [find_run_config(path, cfg.get("run_config")) for path in paths]
+    run_cfgs = [OmegaConf.merge(load_run_config(path), changes) for path in run_files]
+    defaults = [default_name(file, run_cfg) for file, run_cfg in zip(run_files, run_cfgs)]
+    names = checkpoint_names(cfg.get("names"), paths, defaults)
+    checkpoints = [Checkpoint(path, name, run_cfg, *run_protocol(run_cfg, cfg.evaluation))
+                   for path, name, run_cfg in zip(paths, names, run_cfgs)]
+    check_comparable(checkpoints)
+    return checkpoints
+
+
+def checkpoint_paths(ckpt_path: str | None, ckpt_paths: Sequence[str] | None) -> list[Path]:
+    """The checkpoint files to evaluate: ``ckpt_path`` or ``ckpt_paths`` (exactly one given), each a file."""
+    if (ckpt_path is None) == (ckpt_paths is None):
+        raise ValueError("give the checkpoint to evaluate as ckpt_path=<file> or several to compare as "
+                         f"ckpt_paths=[<file>,<file>] (exactly one of the two), got ckpt_path={ckpt_path!r} "
+                         f"and ckpt_paths={ckpt_paths!r}")
+    if ckpt_paths is not None and (not isinstance(ckpt_paths, (list, ListConfig)) or not ckpt_paths):
+        raise ValueError(f"ckpt_paths must be a non-empty list of checkpoint files, got {ckpt_paths!r}")
+    given = [str(ckpt_path)] if ckpt_path is not None else [str(p) for p in ckpt_paths or []]
+    key = "ckpt_path" if ckpt_path is not None else "ckpt_paths"
+    for path in given:
+        if not Path(path).expanduser().is_file():
+            raise FileNotFoundError(f"{key}: {path!r}: no such checkpoint file (expected e.g. "
+                                    "<run>/checkpoints/last.ckpt of an mma-train run)")
+    if len(set(given)) != len(given):
+        raise ValueError(f"ckpt_paths must not repeat a checkpoint, got {given}")
+    return [Path(p).expanduser() for p in given]
+
+
+def find_run_config(ckpt_path: Path, run_config: str | None = None) -> Path:
     """The resolved config of the run that wrote ``ckpt_path``: ``run_config`` if given, else ``config.yaml``
     next to the checkpoint or one folder up (``<run>/checkpoints/x.ckpt`` -> ``<run>/config.yaml``)."""
     if run_config is not None:
@@ -61,15 +141,117 @@ def load_run_config(ckpt_path: Path, run_config: str | None = None) -> DictConfi
         candidates = [ckpt_path.parent / RESOLVED_CONFIG, ckpt_path.parent.parent / RESOLVED_CONFIG]
     for path in candidates:
         if path.is_file():
-            cfg = OmegaConf.load(path)
-            missing = [key for key in ("data", "method") if key not in cfg]
-            if missing:
-                raise ValueError(f"run config {path} has no {' / '.join(missing)} node: is it the "
-                                 "config.yaml of an mma-train run?")
-            return cfg  # type: ignore[return-value]
+            return path
     looked = ", ".join(str(p) for p in candidates)
     raise FileNotFoundError(f"no training config for ckpt_path={str(ckpt_path)!r}: looked for {looked}; "
                             f"pass run_config=<run>/{RESOLVED_CONFIG}")
+
+
+def load_run_config(path: Path) -> DictConfig:
+    """A run's resolved config (:func:`find_run_config`), checked to hold ``data`` and ``method`` nodes."""
+    cfg = OmegaConf.load(path)
+    missing = [key for key in ("data", "method") if key not in cfg]
+    if missing:
+        raise ValueError(f"run config {path} has no {' / '.join(missing)} node: is it the "
+                         "config.yaml of an mma-train run?")
+    return cfg  # type: ignore[return-value]
+
+
+def default_name(run_config: Path, run_cfg: DictConfig) -> str:
+    """``"<experiment>/<method>"`` of a run from Hydra's record of its group choices (``.hydra/hydra.yaml``
+    beside its config), ``"<method>"`` without an experiment; else the method's class name."""
+    record = run_config.parent / ".hydra" / "hydra.yaml"
+    choices = OmegaConf.load(record).hydra.runtime.choices if record.is_file() else {}
+    method = choices.get("method") or str(run_cfg.method.get("_target_", "model")).rsplit(".", 1)[-1]
+    experiment = choices.get("experiment")
+    return f"{experiment}/{method}" if experiment else str(method)
+
+
+def checkpoint_names(names: Sequence[str] | None, paths: Sequence[Path],
+                     defaults: Sequence[str]) -> list[str]:
+    """The labels of the checkpoints: ``names`` (one per checkpoint, distinct) or the defaults; a default
+    shared by several checkpoints gets the suffix ``@<file stem>`` (``@<run dir>/<file stem>`` when the stems
+    are alike too)."""
+    if names is not None:
+        names = [names] if isinstance(names, str) else [str(n) for n in names]
+        if len(names) != len(paths) or len(set(names)) != len(names):
+            raise ValueError(f"names must give one distinct label per checkpoint ({len(paths)}), got {names}")
+        return names
+    labels = list(defaults)
+    for default, count in Counter(defaults).items():
+        if count == 1:
+            continue
+        shared = [i for i, d in enumerate(defaults) if d == default]
+        stems = [paths[i].stem for i in shared]
+        if len(set(stems)) < len(stems):
+            stems = [f"{paths[i].parent.parent.name}/{paths[i].stem}" for i in shared]
+        for i, stem in zip(shared, stems):
+            labels[i] = f"{default}@{stem}"
+    return labels
+
+
+def run_protocol(run_cfg: DictConfig, evaluation: DictConfig) -> tuple[str, tuple[float, ...], float]:
+    """``(norm, eps grid, step fraction)`` of a run: the run's norm; ``evaluation.eps_grid`` (a list or a
+    preset name) or the paper's grid for the run's dataset and norm; ``evaluation.step_fraction`` or the
+    release script's (``eps / 40`` for MNIST-like Linf, ``eps / 4`` otherwise)."""
+    norm = check_norm(run_cfg.method.get("norm"))
+    data = str(run_cfg.data.get("_target_", "?")).rsplit(".", 1)[-1]
+    family = GRID_FAMILIES.get(data)
+    grid = evaluation.get("eps_grid")
+    if grid is None:
+        if family is None:
+            raise ValueError(f"evaluation.eps_grid=null: no preset eps grid for the data {data} (presets for "
+                             f"{', '.join(sorted(GRID_FAMILIES))}); set evaluation.eps_grid to one of "
+                             f"{sorted(EPS_GRIDS)} or a list of eps, e.g. evaluation.eps_grid=[0.01,0.02]")
+        grid = f"{family}-{norm}"
+    if isinstance(grid, str):
+        if grid not in EPS_GRIDS:
+            raise ValueError(f"evaluation.eps_grid must be one of {sorted(EPS_GRIDS)}, a list of eps > 0 or "
+                             f"null, got {grid!r}")
+        grid = eps_grid(grid)
+    grid = check_eps_grid(list(grid) if isinstance(grid, ListConfig) else grid, name="evaluation.eps_grid")
+    fraction = evaluation.get("step_fraction")
+    if fraction is None:
+        fraction = MNIST_LINF_STEP_FRACTION if (family, norm) == ("mnist", "linf") else DEFAULT_STEP_FRACTION
+    if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not fraction > 0:
+        raise ValueError(f"evaluation.step_fraction must be a number > 0 or null, got {fraction!r}")
+    return norm, grid, float(fraction)
+
+
+def check_comparable(checkpoints: Sequence[Checkpoint]) -> None:
+    """Checkpoints of one comparison must share the norm and the eps grid (one table, one plot)."""
+    for attr, fix in (("norm", "evaluate them in separate mma-eval calls"),
+                      ("eps_grid", "set evaluation.eps_grid to compare them on one grid")):
+        values = {getattr(c, attr) for c in checkpoints}
+        if len(values) > 1:
+            found = ", ".join(f"{c.name}: {getattr(c, attr)}" for c in checkpoints)
+            raise ValueError(f"ckpt_paths: the checkpoints of one comparison must share one {attr}, got "
+                             f"{found}; {fix}")
+
+
+def evaluate_checkpoint(ckpt: Checkpoint, evaluator: Callable[..., ModelEvaluation],
+                        trainer: pl.Trainer | None,
+                        device: torch.device) -> tuple[ModelEvaluation, dict[str, float] | None]:
+    """Rebuild the run of ``ckpt``, load its weights, run the method's ``test_step`` (with a ``trainer``) and
+    the robustness evaluation on the test split."""
+    datamodule, module = build_run(ckpt.run_cfg)
+    saved = load_weights(module, ckpt.path)
+    metrics = run_test_split(trainer, module, datamodule) if trainer is not None else None
+    datamodule.setup("test")
+    loader = datamodule.test_dataloader()
+    if not loader:
+        raise ValueError(f"{ckpt.name}: the run's data has no test split to evaluate")
+    net = getattr(module, "net", module).to(device).eval()
+    hp = ckpt.run_cfg.method
+    model_info = {"ckpt_path": str(ckpt.path.resolve()), "method": hp.get("_target_"),
+                  "global_step": saved.get("global_step"), "epoch": saved.get("epoch")}
+    data_info = {"dataset": getattr(datamodule, "dataset_name", ckpt.run_cfg.data.get("_target_")),
+                 "split": "test", "data_dir": ckpt.run_cfg.data.get("data_dir")}
+    log.info("evaluating %s (%s) on %s", ckpt.name, ckpt.path, device)
+    evaluation = evaluator(model=net, data=loader, norm=ckpt.norm, eps_grid=ckpt.eps_grid, name=ckpt.name,
+                           step_fraction=ckpt.step_fraction, clip_min=hp.get("clip_min", 0.0),
+                           clip_max=hp.get("clip_max", 1.0), model_info=model_info, data_info=data_info)
+    return evaluation, metrics
 
 
 def build_run(run_cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
@@ -79,21 +261,30 @@ def build_run(run_cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.Lightning
     return datamodule, module
 
 
-def run_test_split(trainer: pl.Trainer, module: pl.LightningModule, datamodule: pl.LightningDataModule,
-                 ckpt_path: Path) -> dict[str, float]:
-    """Load ``ckpt_path`` into ``module`` and run the test split: the ``test/...`` metrics as floats."""
-    trainer.test(module, datamodule=datamodule, ckpt_path=str(ckpt_path))
+def load_weights(module: pl.LightningModule, ckpt_path: Path) -> dict[str, Any]:
+    """Load the ``state_dict`` of a Lightning checkpoint into ``module`` (strict); returns the checkpoint."""
+    saved = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    if not isinstance(saved, dict) or "state_dict" not in saved:
+        raise ValueError(f"{ckpt_path} is not a Lightning checkpoint (no state_dict)")
+    module.load_state_dict(saved["state_dict"])
+    return saved
+
+
+def run_test_split(trainer: pl.Trainer, module: pl.LightningModule,
+                   datamodule: pl.LightningDataModule) -> dict[str, float]:
+    """Run the method's ``test_step`` on the test split with the loaded weights: the ``test/...`` metrics."""
+    trainer.test(module, datamodule=datamodule)
     return floats(trainer.callback_metrics)
 
 
-def write_report(path: Path, ckpt_path: Path, metrics: dict[str, float], settings: dict[str, Any]) -> None:
-    """Write the metrics, the checkpoint and the attack settings to a JSON file (atomically) and log them."""
-    report = {"ckpt_path": str(ckpt_path.resolve()), "attack": settings, "metrics": metrics}
+def write_test_metrics(path: Path, tested: list[dict[str, Any]]) -> None:
+    """Write each checkpoint's ``test_step`` metrics with its attack settings to a JSON file (atomically)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, json.dumps(report, indent=2) + "\n")
-    for name, value in metrics.items():
-        log.info("%s = %.4f", name, value)
-    log.info("metrics written to %s", path)
+    write_atomically(path, json.dumps({"checkpoints": tested}, indent=2) + "\n")
+    for entry in tested:
+        for name, value in entry["metrics"].items():
+            log.info("%s: %s = %.4f", entry["name"], name, value)
+    log.info("test_step metrics written to %s", path)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")

@@ -4,28 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-
-class _PreActBlock(nn.Module):
-    """Pre-activation basic block of He et al., "Identity Mappings in Deep Residual Networks" (ECCV 2016)."""
-
-    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.relu = nn.ReLU()
-        self.shortcut: nn.Module | None = None
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Residual update of ``x``; a projection shortcut sees the activated input."""
-        out = self.relu(self.bn1(x))
-        shortcut = x if self.shortcut is None else self.shortcut(out)
-        out = self.conv1(out)
-        out = self.conv2(self.relu(self.bn2(out)))
-        return out + shortcut
+from mma_lightning.models.preact_block import PreActBlock
 
 
 class PreActResNet18(nn.Module):
@@ -51,7 +30,7 @@ class PreActResNet18(nn.Module):
     @staticmethod
     def _stage(in_planes: int, planes: int, stride: int) -> nn.Sequential:
         """Two blocks; the first may downsample."""
-        return nn.Sequential(_PreActBlock(in_planes, planes, stride), _PreActBlock(planes, planes, 1))
+        return nn.Sequential(PreActBlock(in_planes, planes, stride), PreActBlock(planes, planes, 1))
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits ``[N, num_classes]`` for a ``[N, in_channels, H, W]`` batch."""

@@ -4,33 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from mma_lightning.models.preact_block import PreActBlock
 from mma_lightning.models.standardize import PerImageStandardization
-
-
-class _WideBasicBlock(nn.Module):
-    """Pre-activation basic block BN-ReLU-conv3x3-BN-ReLU-conv3x3 (Zagoruyko & Komodakis 2016, Fig. 1c).
-
-    When the shape changes, the shortcut is a 1x1 convolution of the *activated* input.
-    """
-
-    def __init__(self, in_planes: int, out_planes: int, stride: int) -> None:
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
-        self.conv1 = nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_planes)
-        self.conv2 = nn.Conv2d(out_planes, out_planes, 3, stride=1, padding=1, bias=False)
-        self.relu = nn.ReLU()
-        self.shortcut: nn.Module | None = None
-        if stride != 1 or in_planes != out_planes:
-            self.shortcut = nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Residual update of ``x``."""
-        out = self.relu(self.bn1(x))
-        shortcut = x if self.shortcut is None else self.shortcut(out)
-        out = self.conv1(out)
-        out = self.conv2(self.relu(self.bn2(out)))
-        return out + shortcut
 
 
 class WideResNet(nn.Module):
@@ -78,8 +53,8 @@ class WideResNet(nn.Module):
     @staticmethod
     def _group(in_planes: int, out_planes: int, n: int, stride: int) -> nn.Sequential:
         """``n`` blocks; only the first changes width and resolution."""
-        blocks = [_WideBasicBlock(in_planes, out_planes, stride)]
-        blocks += [_WideBasicBlock(out_planes, out_planes, 1) for _ in range(n - 1)]
+        blocks = [PreActBlock(in_planes, out_planes, stride)]
+        blocks += [PreActBlock(out_planes, out_planes, 1) for _ in range(n - 1)]
         return nn.Sequential(*blocks)
 
     def forward(self, x: Tensor) -> Tensor:

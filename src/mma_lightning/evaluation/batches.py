@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain text bars: no ipywidgets warning in notebooks
 
 from mma_lightning.attacks.context import usable_for_autograd
 from mma_lightning.evaluation.sharding import ShardSampler, distributed_world

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from typing_extensions import Unpack
 
 from mma_lightning.attacks import find_margin, soft_logit_margin
+from mma_lightning.attacks.checks import check_positive_int
 from mma_lightning.attacks.losses import SUCCESS_TESTS
 from mma_lightning.methods.base import AdversarialModule, SkeletonKwargs
 from mma_lightning.methods.eps_store import EpsStore
@@ -86,9 +87,8 @@ class MMAModule(AdversarialModule):
             raise ValueError(f"clean_loss_coeff must be in [0, 1] (1/3: MMA, 0: OMMA), got {clean_loss_coeff!r}")
         if attack_success not in SUCCESS_TESTS:
             raise ValueError(f"attack_success must be one of {list(SUCCESS_TESTS)}, got {attack_success!r}")
-        for name, value in (("nb_iter", nb_iter), ("search_steps", search_steps)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        check_positive_int("nb_iter", nb_iter)
+        check_positive_int("search_steps", search_steps)
         if num_train_samples is not None and num_train_samples < 1:
             raise ValueError(f"num_train_samples must be a positive integer or None, got {num_train_samples!r}")
         super().__init__(net, norm=norm, **kwargs)

@@ -1,46 +1,93 @@
-"""Input validation shared by the attacks: a clear ``ValueError`` naming the parameter, before any loop."""
+"""Input validation shared by the attacks: a clear ``ValueError`` naming the parameter, before any loop.
+
+Checks of shapes, dtypes and Python numbers always run. Checks that read tensor *values* (finiteness, label
+range, per-sample radii) force a host synchronisation on an accelerator, so they run only while
+:func:`host_checks` is on: on by default (a direct call gets its clear error), and the training modules keep
+them for the first batch only unless ``debug_checks=True`` (issue 9: no host sync in a steady-state step).
+"""
 
 from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Iterator
 
 import torch
 from torch import Tensor
 
+_HOST_CHECKS: ContextVar[bool] = ContextVar("mma_lightning_host_checks", default=True)
+
+
+@contextmanager
+def host_checks(enabled: bool) -> Iterator[None]:
+    """Turn the value checks that read tensors on the host (one sync each) on or off inside this block.
+
+    Scoped like ``torch.no_grad()`` (a context variable, restored on exit); on by default.
+    """
+    token = _HOST_CHECKS.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _HOST_CHECKS.reset(token)
+
+
+def host_checks_enabled() -> bool:
+    """Whether the value checks run here (see :func:`host_checks`)."""
+    return _HOST_CHECKS.get()
+
 
 def check_batch(x: Tensor, y: Tensor) -> None:
-    """``x`` a finite floating batch, ``y`` a 1-D integer label vector of the same length."""
+    """``x`` a finite floating batch, ``y`` a 1-D integer label vector of the same length.
+
+    The finiteness test reads ``x`` on the host: it runs only while :func:`host_checks` is on.
+    """
     if not torch.is_tensor(x) or not x.is_floating_point() or x.dim() < 2:
         raise ValueError(f"x must be a floating-point tensor of shape [N, ...], got {_describe(x)}")
     if not torch.is_tensor(y) or y.dim() != 1 or y.is_floating_point() or y.dtype == torch.bool:
         raise ValueError(f"y must be a 1-D integer tensor of labels, got {_describe(y)}")
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y must have the same length, got x: {x.shape[0]} and y: {y.shape[0]}")
-    if not bool(torch.isfinite(x).all()):
+    if host_checks_enabled() and not bool(torch.isfinite(x).all()):
         raise ValueError("x must be finite: it contains NaN or inf values")
 
 
 def check_labels(y: Tensor, num_classes: int) -> None:
-    """Labels must index the model's logits: ``0 <= y < num_classes``."""
-    if y.numel() and (bool((y < 0).any()) or bool((y >= num_classes).any())):
+    """Labels must index the model's logits: ``0 <= y < num_classes`` (only while :func:`host_checks` is on)."""
+    if host_checks_enabled() and y.numel() and (bool((y < 0).any()) or bool((y >= num_classes).any())):
         lo, hi = int(y.min()), int(y.max())
         raise ValueError(f"y must hold labels in [0, {num_classes - 1}] (the model has {num_classes} logits), "
                          f"got values in [{lo}, {hi}]")
 
 
 def as_eps(name: str, eps: float | Tensor, x: Tensor, positive: bool = False) -> Tensor:
-    """A per-sample radius ``[N]`` on ``x``'s device and dtype from a float or a ``[]``/``[N]`` tensor."""
+    """A per-sample radius ``[N]`` on ``x``'s device and dtype from a float or a ``[]``/``[N]`` tensor.
+
+    A Python number is checked on the host and filled on the device (no copy, no sync); a tensor's values
+    are checked only while :func:`host_checks` is on.
+    """
     n = x.shape[0]
+    if isinstance(eps, (int, float)):
+        _check_radius(name, eps, math.isfinite(eps), float(eps), positive)
+        return torch.full((n,), float(eps), dtype=x.dtype, device=x.device)
     t = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
     if t.dim() == 0:
         t = t.expand(n)
     elif t.shape != (n,):
         raise ValueError(f"{name} must be a float or a tensor of shape [N] = [{n}], got shape {tuple(t.shape)}")
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} must be finite, got {eps!r}")
-    bad = (t <= 0) if positive else (t < 0)
-    if bool(bad.any()):
-        allowed = "> 0" if positive else ">= 0"
-        raise ValueError(f"{name} must be {allowed}, got min value {float(t.min())}")
+    if host_checks_enabled() and t.numel():
+        finite = bool(torch.isfinite(t).all())
+        _check_radius(name, eps, finite, float(t.min()) if finite else 0.0, positive)
     return t.detach().clone()
+
+
+def _check_radius(name: str, eps: object, finite: bool, min_value: float, positive: bool) -> None:
+    """``ValueError`` unless the radius is finite and ``> 0`` (``positive``) or ``>= 0``."""
+    if not finite:
+        raise ValueError(f"{name} must be finite, got {eps!r}")
+    if (min_value <= 0) if positive else (min_value < 0):
+        allowed = "> 0" if positive else ">= 0"
+        raise ValueError(f"{name} must be {allowed}, got min value {min_value}")
 
 
 def check_box(clip_min: float | None, clip_max: float | None) -> None:

@@ -43,12 +43,6 @@ def fp16_gradient_scale(x: Tensor) -> float:
     return 1.0
 
 
-def num_logits(model: nn.Module, x: Tensor) -> int:
-    """Number of classes the model predicts, from one eval-mode forward of a single input (no graph)."""
-    with torch.no_grad(), model_mode(model, train=False):
-        return model(x[:1]).shape[1]
-
-
 def pgd(
     model: nn.Module,
     x: Tensor,
@@ -89,10 +83,9 @@ def pgd(
     loss_fn = get_loss(loss)
     with grad_enabled_outside_inference():
         x, y = usable_for_autograd(x), usable_for_autograd(y)
-        check_labels(y, num_logits(model, x))
         with model_mode(model, train=train_mode):
-                return pgd_iterates(model, x, y, geometry, eps_t, nb_iter, steps, loss_fn,
-                                rand_init, clip_min, clip_max, generator)
+            return pgd_iterates(model, x, y, geometry, eps_t, nb_iter, steps, loss_fn,
+                                rand_init, clip_min, clip_max, generator, check_y=True)
 
 
 def pgd_iterates(
@@ -108,18 +101,24 @@ def pgd_iterates(
     clip_min: float | None,
     clip_max: float | None,
     generator: torch.Generator | None = None,
+    check_y: bool = False,
 ) -> Tensor:
     """The PGD loop itself, on validated per-sample tensors; the model's mode is the caller's business.
 
+    ``check_y``: check the labels against the first forward's logits (:func:`check_labels`, which reads
+    them only while host checks are on), instead of an extra forward to count the classes.
     Returns ``x + delta_K`` (detached). No host synchronisation and no parameter gradients.
     """
     x = x.detach()
     scale = fp16_gradient_scale(x)
     delta = norm.random_init(x, eps, generator) if rand_init else torch.zeros_like(x)
     delta = norm.project(clip_box(x + delta, clip_min, clip_max) - x, eps)
-    for _ in range(nb_iter):
+    for i in range(nb_iter):
         delta.requires_grad_(True)
-        objective = loss_fn(model(x + delta), y).sum() * scale
+        logits = model(x + delta)
+        if check_y and i == 0:
+            check_labels(y, logits.shape[1])
+        objective = loss_fn(logits, y).sum() * scale
         (grad,) = torch.autograd.grad(objective, delta)
         delta = delta.detach() + norm.step(grad, step_size)
         delta = norm.project(clip_box(x + delta, clip_min, clip_max) - x, eps)

@@ -13,6 +13,8 @@ for their own gradient computations (lightning-notes 2), so no ``Trainer`` flag 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from typing import Any, Callable, Iterable
 
 from typing_extensions import TypedDict, Unpack
@@ -24,6 +26,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from mma_lightning.attacks import find_margin, get_norm
+from mma_lightning.attacks.checks import host_checks
 from mma_lightning.attacks.norms import NORM_NAMES
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -48,6 +51,9 @@ class SkeletonKwargs(TypedDict, total=False):
     eval_search_steps: int
     clip_min: float | None
     clip_max: float | None
+    compile: bool | dict[str, Any]
+    channels_last: bool
+    debug_checks: bool
 
 
 def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
@@ -71,6 +77,15 @@ class AdversarialModule(pl.LightningModule):
         eval_max_eps: upper end of the validation margin search (default :meth:`default_eval_max_eps`).
         eval_search_steps: bisection steps of the validation margin search.
         clip_min, clip_max: the data box (``None`` for both: no box).
+        compile: ``torch.compile`` the backbone in place (``net.compile()``; state-dict keys unchanged):
+            ``True`` for the defaults, or a dict of ``torch.compile`` keyword arguments. Off by default
+            (lightning-notes 7); every forward of the step keeps its batch shape, so after warm-up nothing
+            recompiles.
+        channels_last: store the backbone's 4-D weights and every 4-D input batch in ``channels_last``
+            memory format (faster convolutions under bf16 on recent GPUs).
+        debug_checks: run the attacks' value checks (finite inputs, label range, radii: one host sync
+            each) on every batch; by default only on the first batch of each stage (training, val, test),
+            so a steady-state step never waits for the device.
     """
 
     train_stat_names: tuple[str, ...] = ()
@@ -90,6 +105,9 @@ class AdversarialModule(pl.LightningModule):
         eval_search_steps: int = 10,
         clip_min: float | None = 0.0,
         clip_max: float | None = 1.0,
+        compile: bool | dict[str, Any] = False,
+        channels_last: bool = False,
+        debug_checks: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(net, nn.Module):
@@ -103,17 +121,26 @@ class AdversarialModule(pl.LightningModule):
             raise ValueError(f"eval_eps must be > 0, got {eval_eps!r}")
         if eval_max_eps is not None and eval_max_eps < eval_eps:
             raise ValueError(f"eval_max_eps must be >= eval_eps ({eval_eps}), got {eval_max_eps!r}")
+        if not isinstance(compile, (bool, Mapping)):  # a Hydra DictConfig is a Mapping
+            raise ValueError(f"compile must be a bool or a dict of torch.compile arguments, got {compile!r}")
         # Factories are kept as attributes: hparams must stay picklable (a lambda would be dropped from them).
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        if compile is not False:
+            net.compile(**({} if compile is True else dict(compile)))
         self.net = net
+        self._host_checked: set[str] = set()
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.norm = get_norm(norm).name
         self.eval_max_eps = float(eval_max_eps if eval_max_eps is not None else self.default_eval_max_eps())
-        self.train_stats = nn.ModuleDict({name: MeanMetric() for name in self.train_stat_names})
+        # nan_strategy="disable": torchmetrics' NaN filter reads the values on the host (a sync per update).
+        self.train_stats = nn.ModuleDict({name: MeanMetric(nan_strategy="disable")
+                                          for name in self.train_stat_names})
         self.eval_metrics = nn.ModuleDict(
-            {stage: nn.ModuleDict({"acc": MeanMetric(), "robust_acc": MeanMetric(), "avg_eps": MeanMetric(),
-                                   "loss": MeanMetric()}) for stage in EVAL_STAGES}
+            {stage: nn.ModuleDict({name: MeanMetric(nan_strategy="disable")
+                                   for name in ("acc", "robust_acc", "avg_eps", "loss")}) for stage in EVAL_STAGES}
         )
 
     def default_eval_max_eps(self) -> float:
@@ -132,14 +159,15 @@ class AdversarialModule(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """One scalar loss for Lightning's automatic optimisation (lightning-notes 1)."""
         x, y, index = _unpack(batch)
-        loss = self.training_loss(x, y, index)
+        with self.host_checks_for("train"):
+            loss = self.training_loss(self.as_input(x), y, index)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def log_train_stat(self, name: str, value: Tensor, weight: Tensor | None = None) -> None:
+    def log_train_stat(self, name: str, value: Tensor) -> None:
         """Log ``train/<name>``, a per-sample statistic averaged by its torchmetrics ``MeanMetric``."""
         metric = self.train_stats[name]
-        metric(value.detach().float(), 1.0 if weight is None else weight.detach().float())
+        metric(value.detach().float())
         if self._trainer is not None:  # also usable outside a Trainer (Fabric, a manual loop, a benchmark)
             self.log(f"train/{name}", metric, on_step=True, on_epoch=True, prog_bar=name in ("acc", "avg_eps"))
 
@@ -154,11 +182,14 @@ class AdversarialModule(pl.LightningModule):
 
     def _eval_step(self, batch: Any, stage: str) -> None:
         x, y, _ = _unpack(batch)
+        x = self.as_input(x)
         hp = self.hparams
         logits = self.net(x)
-        res = find_margin(self.net, x, y, self.norm, init_eps=hp.eval_eps, max_eps=self.eval_max_eps,
-                          nb_iter=hp.eval_nb_iter, search_steps=hp.eval_search_steps, loss="ce",
-                          step_scale=hp.eval_step_scale, clip_min=hp.clip_min, clip_max=hp.clip_max)
+        with self.host_checks_for(stage):
+            res = find_margin(self.net, x, y, self.norm, init_eps=hp.eval_eps, max_eps=self.eval_max_eps,
+                              nb_iter=hp.eval_nb_iter, search_steps=hp.eval_search_steps, loss="ce",
+                              step_scale=hp.eval_step_scale, clip_min=hp.clip_min, clip_max=hp.clip_max,
+                              clean_logits=logits)
         # PGD at eval_eps succeeded iff the bisection's bracket ends at or below eval_eps.
         robust = ~res.success | (res.eps > hp.eval_eps)
         metrics = self.eval_metrics[stage]
@@ -168,6 +199,20 @@ class AdversarialModule(pl.LightningModule):
         metrics["loss"].update(F.cross_entropy(logits.float(), y, reduction="none"))
         for name, metric in metrics.items():
             self.log(f"{stage}/{name}", metric, prog_bar=name != "loss")
+
+    # --- host checks and memory format -------------------------------------------------------------------
+    def host_checks_for(self, stage: str) -> AbstractContextManager[None]:
+        """The attacks' value checks (host syncs) for the first batch of ``stage``, or always with
+        ``debug_checks`` (see :func:`mma_lightning.attacks.checks.host_checks`)."""
+        enabled = self.hparams.debug_checks or stage not in self._host_checked
+        self._host_checked.add(stage)
+        return host_checks(enabled)
+
+    def as_input(self, x: Tensor) -> Tensor:
+        """``x`` in the backbone's memory format (``channels_last`` for 4-D batches when that option is on)."""
+        if self.hparams.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
 
     # --- optimisation -------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:

@@ -124,7 +124,9 @@ class MMAModule(AdversarialModule):
         hp = self.hparams
         upper = SEARCH_UPPER_FACTOR * hp.max_eps
 
-        logits = self.net(x)
+        # OMMA (c = 0): the clean loss has no weight, so its forward builds no graph (no wasted backward).
+        with torch.set_grad_enabled(torch.is_grad_enabled() and hp.clean_loss_coeff > 0):
+            logits = self.net(x)
         clean_ce = F.cross_entropy(logits.float(), y, reduction="none")
         correct = (soft_logit_margin(logits.detach(), y) < 0)
 

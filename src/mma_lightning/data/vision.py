@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets, transforms
 
-from mma_lightning.data.indexed import IndexedDataModule, check_positive, seeded_split
+from mma_lightning.data.indexed import IndexedDataModule, IndexedDataModuleLogic, check_positive, seeded_split
 
 Transform = Callable[[Any], Any]
 
@@ -86,7 +86,7 @@ class IDXFolderDataset(datasets.MNIST):
         self.targets = read_idx(labels).long()
 
 
-class VisionDataModule(IndexedDataModule):
+class VisionDataModuleLogic(IndexedDataModuleLogic):
     """Base LightningDataModule over a torchvision dataset; loaders yield ``(x, y, index)``, x in [0, 1].
 
     Args:
@@ -259,7 +259,7 @@ class VisionDataModule(IndexedDataModule):
         return Subset(train_full, train_idx.tolist()), val, test
 
 
-class MNISTDataModule(VisionDataModule):
+class MNISTDataModuleLogic(VisionDataModuleLogic):
     """MNIST (10 classes, 1x28x28, no augmentation).
 
     ``data_dir`` may use torchvision's layout (``<data_dir>/MNIST/raw/``) or directly hold the four IDX files,
@@ -297,13 +297,13 @@ class MNISTDataModule(VisionDataModule):
         return f"{names} in {root / self.dataset_name / 'raw'} (torchvision's layout) or directly in {root}"
 
 
-class FashionMNISTDataModule(MNISTDataModule):
+class FashionMNISTDataModuleLogic(MNISTDataModuleLogic):
     """Fashion-MNIST (10 classes, 1x28x28, no augmentation); reads Debian's ``dataset-fashion-mnist`` too."""
 
     DATASET = datasets.FashionMNIST
 
 
-class CIFAR10DataModule(VisionDataModule):
+class CIFAR10DataModuleLogic(VisionDataModuleLogic):
     """CIFAR-10 (10 classes, 3x32x32); paper augmentation: reflect-pad 4, random 32 crop, horizontal flip."""
 
     DATASET = datasets.CIFAR10
@@ -319,7 +319,7 @@ class CIFAR10DataModule(VisionDataModule):
         ]
 
 
-class CIFAR100DataModule(CIFAR10DataModule):
+class CIFAR100DataModuleLogic(CIFAR10DataModuleLogic):
     """CIFAR-100 (100 classes, 3x32x32), same augmentation as CIFAR-10."""
 
     DATASET = datasets.CIFAR100
@@ -327,7 +327,7 @@ class CIFAR100DataModule(CIFAR10DataModule):
     EXPECTED = "cifar-100-python/ (train, test)"
 
 
-class SVHNDataModule(VisionDataModule):
+class SVHNDataModuleLogic(VisionDataModuleLogic):
     """SVHN train/test (10 classes, 3x32x32, no augmentation; the "extra" split is not used).
 
     torchvision reads the ``.mat`` files with scipy, which must be installed.
@@ -343,7 +343,7 @@ class SVHNDataModule(VisionDataModule):
         return {"split": split}
 
 
-class ImageFolderDataModule(VisionDataModule):
+class ImageFolderDataModuleLogic(VisionDataModuleLogic):
     """Images in class subfolders: ``<data_dir>/train/<class>/*`` and optionally ``val/`` and ``test/``.
 
     Without ``val/``, ``val_size`` images are carved from ``train/``. Images are loaded as RGB, resized and
@@ -389,3 +389,33 @@ class ImageFolderDataModule(VisionDataModule):
     def image_shape(self) -> tuple[int, int, int]:
         """``(3, image_size, image_size)``."""
         return (3, self.image_size, self.image_size)
+
+
+# The pytorch_lightning classes: the namespace-free logic above on pytorch_lightning's base classes
+# (mma_lightning.lightning builds the lightning.pytorch ones from the same logic classes).
+class VisionDataModule(VisionDataModuleLogic, IndexedDataModule):
+    """:class:`VisionDataModuleLogic` on pytorch_lightning (the default namespace)."""
+
+
+class MNISTDataModule(MNISTDataModuleLogic, VisionDataModule):
+    """:class:`MNISTDataModuleLogic` on pytorch_lightning (the default namespace)."""
+
+
+class FashionMNISTDataModule(FashionMNISTDataModuleLogic, MNISTDataModule):
+    """:class:`FashionMNISTDataModuleLogic` on pytorch_lightning (the default namespace)."""
+
+
+class CIFAR10DataModule(CIFAR10DataModuleLogic, VisionDataModule):
+    """:class:`CIFAR10DataModuleLogic` on pytorch_lightning (the default namespace)."""
+
+
+class CIFAR100DataModule(CIFAR100DataModuleLogic, CIFAR10DataModule):
+    """:class:`CIFAR100DataModuleLogic` on pytorch_lightning (the default namespace)."""
+
+
+class SVHNDataModule(SVHNDataModuleLogic, VisionDataModule):
+    """:class:`SVHNDataModuleLogic` on pytorch_lightning (the default namespace)."""
+
+
+class ImageFolderDataModule(ImageFolderDataModuleLogic, VisionDataModule):
+    """:class:`ImageFolderDataModuleLogic` on pytorch_lightning (the default namespace)."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import pytorch_lightning as pl
-from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 
 from mma_lightning.evaluation.batches import EvalData, check_positive_int
@@ -16,9 +15,10 @@ from mma_lightning.evaluation.margins import MarginEstimates, estimate_margins
 from mma_lightning.evaluation.plots import margin_histogram_figure, robust_accuracy_figure
 from mma_lightning.evaluation.protocol import check_eps_grid
 from mma_lightning.evaluation.robustness import RobustnessResult, check_losses, check_norm, robust_accuracy
+from mma_lightning.namespaces import lightning_types
 
 
-class RobustnessCallback(pl.Callback):
+class RobustnessCallbackLogic:
     """Every ``every_n_epochs`` training epochs, PGD robust accuracy over ``eps_grid`` and margin estimates on
     the first ``max_samples`` validation points.
 
@@ -141,7 +141,8 @@ class RobustnessCallback(pl.Callback):
 
     def _log_figures(self, trainer: pl.Trainer, result: RobustnessResult,
                      estimates: MarginEstimates | None) -> None:
-        boards = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        board_type = lightning_types("loggers.TensorBoardLogger")
+        boards = [lg for lg in trainer.loggers if isinstance(lg, board_type)]
         if not boards:
             return
         epoch = f"epoch {trainer.current_epoch}"
@@ -151,3 +152,9 @@ class RobustnessCallback(pl.Callback):
         for board in boards:
             for tag, fig in figures.items():
                 board.experiment.add_figure(tag, fig, global_step=trainer.global_step, close=False)
+
+
+# The pytorch_lightning classes: the namespace-free logic above on pytorch_lightning's base classes
+# (mma_lightning.lightning builds the lightning.pytorch ones from the same logic classes).
+class RobustnessCallback(RobustnessCallbackLogic, pl.Callback):
+    """:class:`RobustnessCallbackLogic` on pytorch_lightning (the default namespace)."""

@@ -61,7 +61,7 @@ def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=1e-4)
 
 
-class AdversarialModule(pl.LightningModule):
+class AdversarialModuleLogic:
     """Shared skeleton: ``net`` + optimiser + robustness validation; subclasses define ``training_loss``.
 
     Batches are ``(x, y)`` or ``(x, y, index)`` with ``x`` in the box ``[clip_min, clip_max]`` (normalisation
@@ -231,3 +231,9 @@ def _unpack(batch: Any) -> tuple[Tensor, Tensor, Tensor | None]:
         raise ValueError("batches must be (x, y) or (x, y, index) tuples, "
                          f"got {type(batch).__name__} of length {len(batch) if hasattr(batch, '__len__') else '?'}")
     return batch[0], batch[1], batch[2] if len(batch) == 3 else None
+
+
+# The pytorch_lightning classes: the namespace-free logic above on pytorch_lightning's base classes
+# (mma_lightning.lightning builds the lightning.pytorch ones from the same logic classes).
+class AdversarialModule(AdversarialModuleLogic, pl.LightningModule):
+    """:class:`AdversarialModuleLogic` on pytorch_lightning (the default namespace)."""

@@ -28,13 +28,13 @@ from typing_extensions import Unpack
 from mma_lightning.attacks import find_margin, soft_logit_margin
 from mma_lightning.attacks.checks import check_positive_int
 from mma_lightning.attacks.losses import SUCCESS_TESTS
-from mma_lightning.methods.base import AdversarialModule, SkeletonKwargs
+from mma_lightning.methods.base import AdversarialModule, AdversarialModuleLogic, SkeletonKwargs
 from mma_lightning.methods.eps_store import EpsStore
 
 SEARCH_UPPER_FACTOR = 1.05  # the reference searches [0, 1.05 * d_max]
 
 
-class MMAModule(AdversarialModule):
+class MMAModuleLogic(AdversarialModuleLogic):
     """Max-Margin Adversarial training around any backbone; training batches are ``(x, y, index)``.
 
     Example:
@@ -170,3 +170,9 @@ def _num_train_samples(trainer: Any) -> int:
     except TypeError:
         raise ValueError("cannot tell the training set's size for the eps table: pass "
                          "MMAModule(num_train_samples=...) or a datamodule with num_train_samples") from None
+
+
+# The pytorch_lightning classes: the namespace-free logic above on pytorch_lightning's base classes
+# (mma_lightning.lightning builds the lightning.pytorch ones from the same logic classes).
+class MMAModule(MMAModuleLogic, AdversarialModule):
+    """:class:`MMAModuleLogic` on pytorch_lightning (the default namespace)."""

@@ -15,10 +15,10 @@ from typing_extensions import Unpack
 
 from mma_lightning.attacks import pgd
 from mma_lightning.attacks.checks import check_positive_int
-from mma_lightning.methods.base import AdversarialModule, SkeletonKwargs
+from mma_lightning.methods.base import AdversarialModule, AdversarialModuleLogic, SkeletonKwargs
 
 
-class PGDATModule(AdversarialModule):
+class PGDATModuleLogic(AdversarialModuleLogic):
     """Madry PGD-AT ("PGD-eps" in the MMA paper) around any backbone: mean CE at the PGD points.
 
     Example:
@@ -77,3 +77,9 @@ def check_attack_params(eps: float, nb_iter: int, step_scale: float) -> None:
     check_positive_int("nb_iter", nb_iter)
     if isinstance(step_scale, bool) or not isinstance(step_scale, (int, float)) or not step_scale > 0:
         raise ValueError(f"step_scale must be a float > 0, got {step_scale!r}")
+
+
+# The pytorch_lightning classes: the namespace-free logic above on pytorch_lightning's base classes
+# (mma_lightning.lightning builds the lightning.pytorch ones from the same logic classes).
+class PGDATModule(PGDATModuleLogic, AdversarialModule):
+    """:class:`PGDATModuleLogic` on pytorch_lightning (the default namespace)."""

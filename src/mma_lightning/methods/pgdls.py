@@ -15,10 +15,10 @@ from typing_extensions import Unpack
 
 from mma_lightning.attacks.checks import check_positive_int
 from mma_lightning.methods.base import SkeletonKwargs
-from mma_lightning.methods.pgd_at import PGDATModule
+from mma_lightning.methods.pgd_at import PGDATModule, PGDATModuleLogic
 
 
-class PGDLSModule(PGDATModule):
+class PGDLSModuleLogic(PGDATModuleLogic):
     """PGD-AT whose eps ramps linearly from 0 to ``eps`` (PGDLS, Ding et al. 2020), then stays at ``eps``.
 
     The ramp's length in optimiser steps (``self.global_step``) is ``ramp_steps`` when given; otherwise it is
@@ -80,3 +80,9 @@ class PGDLSModule(PGDATModule):
         length = self.ramp_length()
         progress = 1.0 if length == 0 else min(1.0, self.global_step / length)
         return float(self.hparams.eps) * progress
+
+
+# The pytorch_lightning classes: the namespace-free logic above on pytorch_lightning's base classes
+# (mma_lightning.lightning builds the lightning.pytorch ones from the same logic classes).
+class PGDLSModule(PGDLSModuleLogic, PGDATModule):
+    """:class:`PGDLSModuleLogic` on pytorch_lightning (the default namespace)."""

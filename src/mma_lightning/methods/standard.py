@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from mma_lightning.methods.base import AdversarialModule
+from mma_lightning.methods.base import AdversarialModule, AdversarialModuleLogic
 
 
-class StandardModule(AdversarialModule):
+class StandardModuleLogic(AdversarialModuleLogic):
     """Standard (non-adversarial) training, the STD baseline of Ding et al. 2020: mean clean cross-entropy.
 
     Its constructor is :class:`AdversarialModule`'s (``net``, ``norm`` of the validation attack, optimiser,
@@ -34,3 +34,9 @@ class StandardModule(AdversarialModule):
         logits = self.net(x)
         self.log_train_stat("acc", (logits.detach().argmax(1) == y).float())
         return F.cross_entropy(logits.float(), y)
+
+
+# The pytorch_lightning classes: the namespace-free logic above on pytorch_lightning's base classes
+# (mma_lightning.lightning builds the lightning.pytorch ones from the same logic classes).
+class StandardModule(StandardModuleLogic, AdversarialModule):
+    """:class:`StandardModuleLogic` on pytorch_lightning (the default namespace)."""

@@ -26,7 +26,7 @@ from typing_extensions import Unpack
 
 from mma_lightning.attacks import pgd
 from mma_lightning.attacks.context import model_mode
-from mma_lightning.methods.base import AdversarialModule, SkeletonKwargs
+from mma_lightning.methods.base import AdversarialModule, AdversarialModuleLogic, SkeletonKwargs
 from mma_lightning.methods.pgd_at import check_attack_params
 
 
@@ -45,7 +45,7 @@ def per_sample_kl(clean_log_probs: Tensor, logits: Tensor) -> Tensor:
                     log_target=True).sum(dim=1)
 
 
-class TRADESModule(AdversarialModule):
+class TRADESModuleLogic(AdversarialModuleLogic):
     """TRADES (Zhang et al., ICML 2019): ``CE(f(x), y) + beta * KL(f(x) || f(x_adv))`` around any backbone.
 
     Example:
@@ -98,3 +98,9 @@ class TRADESModule(AdversarialModule):
         self.log_train_stat("clean_loss", clean_ce)
         self.log_train_stat("kl", kl)
         return clean_ce.mean() + hp.beta * kl.mean()
+
+
+# The pytorch_lightning classes: the namespace-free logic above on pytorch_lightning's base classes
+# (mma_lightning.lightning builds the lightning.pytorch ones from the same logic classes).
+class TRADESModule(TRADESModuleLogic, AdversarialModule):
+    """:class:`TRADESModuleLogic` on pytorch_lightning (the default namespace)."""

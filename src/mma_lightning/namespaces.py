@@ -1,0 +1,32 @@
+"""The two import namespaces of Lightning: ``pytorch_lightning`` (this package's default) and
+``lightning.pytorch`` (``pip install lightning``, the namespace of Lightning's current documentation).
+
+They hold distinct copies of the same classes, so ``isinstance(module, pytorch_lightning.LightningModule)``
+is False for a ``lightning.pytorch`` module. Code that must accept both asks :func:`lightning_types`
+instead. Only namespaces already imported are looked at: an object of a namespace that was never imported
+cannot exist, and no namespace gets imported as a side effect.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+NAMESPACES = ("pytorch_lightning", "lightning.pytorch")
+"""The module paths of the two namespaces."""
+
+
+def lightning_types(name: str) -> tuple[type, ...]:
+    """The class ``name`` (a dotted path inside a namespace, e.g. ``"LightningModule"`` or
+    ``"loggers.TensorBoardLogger"``) from every imported Lightning namespace, for ``isinstance``.
+
+    The default namespace is always imported, so the tuple is never empty.
+    """
+    importlib.import_module(NAMESPACES[0])
+    found = []
+    for namespace in NAMESPACES:
+        if namespace not in sys.modules:
+            continue
+        module_path, _, attr = f"{namespace}.{name}".rpartition(".")
+        found.append(getattr(importlib.import_module(module_path), attr))
+    return tuple(found)

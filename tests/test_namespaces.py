@@ -1,0 +1,210 @@
+"""Both Lightning namespaces: every module, datamodule and callback under ``pytorch_lightning`` (default) and
+``lightning.pytorch`` (``mma_lightning.lightning``), built from the same logic classes, trained by each
+namespace's own Trainer: fit, validate, test, checkpoint reload, DDP spawn."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from functools import partial
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("lightning")
+
+import lightning.pytorch as L  # noqa: E402
+import pytorch_lightning as pl  # noqa: E402
+
+import mma_lightning  # noqa: E402
+import mma_lightning.lightning as mml  # noqa: E402
+from mma_lightning.namespaces import lightning_types  # noqa: E402
+
+# (default package, lightning package) pairs whose __all__ must match name for name.
+MIRRORS = [("mma_lightning", "mma_lightning.lightning"), ("mma_lightning.methods", "mma_lightning.lightning.methods"),
+           ("mma_lightning.data", "mma_lightning.lightning.data"),
+           ("mma_lightning.evaluation", "mma_lightning.lightning.evaluation"),
+           ("mma_lightning.cli.checkpoint", "mma_lightning.lightning.checkpoint")]
+NAMESPACES = {"pytorch_lightning": (pl, mma_lightning), "lightning": (L, mml)}
+LIGHTNING_BASES = ("LightningModule", "LightningDataModule", "Callback")
+DATAMODULE_FACTORIES = {"mnist5k_datamodule"}  # functions returning a datamodule: each namespace has its own
+
+
+def _is_lightning_class(obj: object, ns: ModuleType) -> bool:
+    return inspect.isclass(obj) and issubclass(obj, tuple(getattr(ns, b) for b in LIGHTNING_BASES))
+
+
+def _public_classes(module: ModuleType) -> dict[str, object]:
+    names = getattr(module, "__all__", None) or [n for n, o in vars(module).items()
+                                                if inspect.isclass(o) and o.__module__ == module.__name__]
+    return {n: getattr(module, n) for n in names}
+
+
+@pytest.mark.parametrize(("default_name", "other_name"), MIRRORS)
+def test_every_lightning_class_exists_in_both_namespaces_from_the_same_logic(default_name: str,
+                                                                              other_name: str) -> None:
+    default, other = importlib.import_module(default_name), importlib.import_module(other_name)
+    names = _public_classes(default)
+    namespaced = 0
+    for name, obj in names.items():
+        mirror = getattr(other, name)
+        if name in DATAMODULE_FACTORIES:
+            continue
+        if not _is_lightning_class(obj, pl):
+            assert mirror is obj, f"{other_name}.{name} should be the namespace-free {default_name}.{name}"
+            continue
+        namespaced += 1
+        assert _is_lightning_class(mirror, L) and not _is_lightning_class(mirror, pl), name
+        assert not _is_lightning_class(obj, L), name
+        # Same code: each class adds nothing of its own to the shared logic class (its first base).
+        logic = obj.__mro__[1]
+        assert logic.__name__ == f"{name}Logic" and mirror.__mro__[1] is logic, name
+        own = {k for k in vars(obj) if not k.startswith("__")} | {k for k in vars(mirror) if not k.startswith("__")}
+        assert not own, f"{name} defines {own} outside its logic class"
+    assert namespaced > 0
+
+
+def test_the_class_hierarchy_is_mirrored() -> None:
+    assert issubclass(mml.PGDLSModule, mml.PGDATModule) and issubclass(mml.MMAModule, mml.AdversarialModule)
+    assert issubclass(mml.data.FashionMNISTDataModule, mml.data.MNISTDataModule)
+    assert issubclass(mml.data.TensorDataModule, mml.data.IndexedDataModule)
+
+
+@pytest.mark.parametrize("namespace", list(NAMESPACES))
+def test_mnist5k_datamodule_returns_the_namespace_datamodule(namespace: str) -> None:
+    ns, package = NAMESPACES[namespace]
+    dm = package.data.mnist5k_datamodule(val_size=100)
+    assert type(dm) is package.data.TensorDataModule and isinstance(dm, ns.LightningDataModule)
+
+
+def test_lightning_types_sees_both_namespaces() -> None:
+    assert lightning_types("LightningModule") == (pl.LightningModule, L.LightningModule)
+    assert lightning_types("loggers.TensorBoardLogger") == (pl.loggers.TensorBoardLogger,
+                                                            L.loggers.TensorBoardLogger)
+
+
+def blobs(n: int = 48, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three separable classes of 4x4 images in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    x = (0.5 + 0.3 * (y.view(-1, 1, 1, 1).float() - 1) + 0.1 * torch.randn(n, 1, 4, 4, generator=g)).clamp(0, 1)
+    return x, y
+
+
+def tiny_net() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def tiny_mma(package: ModuleType, net: nn.Module | None = None):
+    return package.MMAModule(net or tiny_net(), max_eps=0.1, min_eps=0.02, nb_iter=2, search_steps=3,
+                             eval_eps=0.05, eval_nb_iter=2, eval_search_steps=2,
+                             optimizer=partial(torch.optim.Adam, lr=1e-2))
+
+
+def tiny_datamodule(package: ModuleType):
+    x, y = blobs()
+    return package.data.TensorDataModule(x[:32], y[:32], x_val=x[32:], y_val=y[32:], x_test=x[32:],
+                                         y_test=y[32:], batch_size=8)
+
+
+def trainer(ns: ModuleType, tmp_path: Path, **kwargs):
+    args = dict(accelerator="cpu", devices=1, max_epochs=2, default_root_dir=tmp_path, enable_progress_bar=False,
+                enable_model_summary=False, inference_mode=False)
+    args.update(kwargs)
+    return ns.Trainer(**args)
+
+
+@pytest.mark.parametrize("namespace", list(NAMESPACES))
+def test_fit_validate_test_and_reload_with_each_namespace(namespace: str, tmp_path: Path) -> None:
+    ns, package = NAMESPACES[namespace]
+    torch.manual_seed(0)
+    module, dm = tiny_mma(package), tiny_datamodule(package)
+    robustness = package.evaluation.RobustnessCallback([0.05, 0.1], max_samples=8, nb_iter=2, margin_nb_iter=2,
+                                                       margin_search_steps=2, batch_size=8)
+    ckpt = ns.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/avg_eps", mode="max",
+                                        save_last=True)
+    board = ns.loggers.TensorBoardLogger(tmp_path, name="tb")
+    t = trainer(ns, tmp_path, callbacks=[robustness, ckpt], logger=board)
+    t.fit(module, datamodule=dm)
+    assert t.global_step == 8 and robustness.last_result is not None
+    assert "robust/avg_robust_acc" in t.callback_metrics
+    val = t.validate(module, datamodule=dm, verbose=False)[0]
+    test = t.test(module, datamodule=dm, verbose=False)[0]
+    assert {"val/acc", "val/avg_eps"} <= set(val) and {"test/acc", "test/avg_eps"} <= set(test)
+    # the RobustnessCallback found this namespace's TensorBoardLogger: its figures are in the event file
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(board.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    assert "robust/margins" in events.Tags()["images"]
+
+    reloaded = type(module).load_from_checkpoint(ckpt.last_model_path, net=tiny_net())
+    assert type(reloaded) is type(module) and dict(reloaded.hparams) == dict(module.hparams)
+    for key, value in module.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[key], value), key
+    # The checkpoint resumes under the same namespace's Trainer (optimiser state, eps table, step count).
+    t2 = trainer(ns, tmp_path, max_epochs=3, logger=False, enable_checkpointing=False)
+    t2.fit(tiny_mma(package), datamodule=tiny_datamodule(package), ckpt_path=ckpt.last_model_path)
+    assert t2.global_step == 12
+
+
+def test_a_trainer_refuses_the_other_namespace(tmp_path: Path) -> None:
+    """Why the mirror exists: each namespace's Trainer checks for its own LightningModule class."""
+    with pytest.raises(TypeError, match="LightningModule"):
+        trainer(L, tmp_path, logger=False).fit(tiny_mma(mma_lightning), datamodule=tiny_datamodule(mml))
+
+
+@pytest.mark.parametrize("name", ["PGDATModule", "PGDLSModule", "StandardModule", "TRADESModule"])
+def test_every_method_fits_under_lightning_pytorch(name: str, tmp_path: Path) -> None:
+    kwargs = {"StandardModule": {}, "TRADESModule": {"eps": 0.1, "nb_iter": 2}}.get(name, {"eps": 0.1,
+                                                                                           "nb_iter": 2})
+    module = getattr(mml, name)(tiny_net(), eval_eps=0.05, eval_nb_iter=2, eval_search_steps=2, **kwargs)
+    t = trainer(L, tmp_path, max_epochs=1, limit_val_batches=1, logger=False, enable_checkpointing=False)
+    t.fit(module, datamodule=tiny_datamodule(mml))
+    assert t.global_step == 4
+
+
+def test_best_and_last_checkpoint_under_lightning_pytorch(tmp_path: Path) -> None:
+    from mma_lightning.lightning.checkpoint import BestAndLastCheckpoint
+
+    ckpt = BestAndLastCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/avg_eps", mode="max", save_last=True)
+    t = trainer(L, tmp_path, max_epochs=1, limit_val_batches=1, logger=False, callbacks=[ckpt])
+    t.fit(tiny_mma(mml), datamodule=tiny_datamodule(mml))
+    assert (tmp_path / "ckpt" / "last.ckpt").is_file() and Path(ckpt.best_model_path).is_file()
+
+
+class _DumpEpsLogic:
+    """Each rank saves its step count and eps table when training ends."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        torch.save((trainer.global_step, pl_module.eps_store.eps.cpu()), self.out / f"rank{trainer.global_rank}.pt")
+
+
+class DumpEpsPL(_DumpEpsLogic, pl.Callback):
+    """For the pytorch_lightning Trainer."""
+
+
+class DumpEpsL(_DumpEpsLogic, L.Callback):
+    """For the lightning.pytorch Trainer."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("namespace", list(NAMESPACES))
+def test_ddp_spawn_two_cpu_processes_with_each_namespace(namespace: str, tmp_path: Path) -> None:
+    ns, package = NAMESPACES[namespace]
+    torch.manual_seed(0)
+    module = tiny_mma(package)
+    dump = (DumpEpsPL if namespace == "pytorch_lightning" else DumpEpsL)(tmp_path)
+    t = trainer(ns, tmp_path, devices=2, strategy="ddp_spawn", max_epochs=1, logger=False,
+                enable_checkpointing=False, callbacks=[dump])
+    t.fit(module, datamodule=tiny_datamodule(package))
+    (steps0, eps0), (steps1, eps1) = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    # 32 samples, global batch 8 = 4 per rank: 4 steps per rank, one eps table shared by both ranks,
+    # and ddp_spawn hands rank 0's weights and buffers (the eps table) back to this process.
+    assert steps0 == steps1 == 4 and torch.equal(eps0, eps1) and eps0.shape == (32,)
+    assert torch.equal(module.eps_store.eps, eps0)

@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from mma_lightning.data.resumable import ResumableDataLoader, ResumableSampler
+
 
 class IndexedDataset(Dataset):
     """Wrap a map-style dataset of ``(x, y)`` pairs so that item ``i`` is ``(x, y, i)``."""
@@ -96,6 +98,7 @@ class IndexedDataModuleLogic:
         self.pin_memory = pin_memory
         self.seed = seed
         self.world_size = 1
+        self.rank = 0
         self.per_device_batch_size = self.batch_size
         self.per_device_eval_batch_size = self.eval_batch_size
         self._datasets: tuple[Dataset, Dataset | None, Dataset | None] | None = None
@@ -132,6 +135,7 @@ class IndexedDataModuleLogic:
     def setup(self, stage: str | None = None) -> None:
         """Divide the global batch sizes by the trainer's world size (if attached) and build the splits."""
         self.world_size = int(self.trainer.world_size) if self.trainer is not None else 1
+        self.rank = int(getattr(self.trainer, "global_rank", 0)) if self.trainer is not None else 0
         self.per_device_batch_size = per_device_batch_size(self.batch_size, self.world_size, "batch_size")
         self.per_device_eval_batch_size = per_device_batch_size(
             self.eval_batch_size, self.world_size, "eval_batch_size"
@@ -140,18 +144,26 @@ class IndexedDataModuleLogic:
 
     def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
         per_rank = len(dataset) // self.world_size  # type: ignore[arg-type]
-        return DataLoader(
-            IndexedDataset(dataset),
+        kwargs: dict[str, Any] = dict(
             batch_size=batch_size,
-            shuffle=train,
             drop_last=train and per_rank >= batch_size,  # never drop the only batch
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )
+        if not train:
+            return DataLoader(IndexedDataset(dataset), shuffle=False, **kwargs)
+        # The loader's own generator seeds its worker processes: creating an iterator does not draw from the
+        # global torch stream (dropout, augmentation), which a checkpoint restores (exact resume).
+        generator = torch.Generator().manual_seed(self.seed)
+        sampler = ResumableSampler(IndexedDataset(dataset), num_replicas=self.world_size, rank=self.rank,
+                                   shuffle=True, seed=self.seed)
+        return ResumableDataLoader(IndexedDataset(dataset), sampler=sampler, generator=generator, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled ``(x, y, index)`` batches of the training split, ``drop_last=True``."""
+        """Shuffled ``(x, y, index)`` batches of the training split, ``drop_last=True``; a
+        :class:`~mma_lightning.data.resumable.ResumableDataLoader` (order seeded by ``seed + epoch`` as
+        ``DistributedSampler``, this rank's share under DDP), so a mid-epoch checkpoint resumes exactly."""
         return self._loader(self.train_set, self.per_device_batch_size, train=True)
 
     def val_dataloader(self) -> DataLoader | list:

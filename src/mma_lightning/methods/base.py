@@ -28,6 +28,8 @@ from torchmetrics import MeanMetric
 from mma_lightning.attacks import find_margin, get_norm
 from mma_lightning.attacks.checks import host_checks
 from mma_lightning.attacks.norms import NORM_NAMES
+from mma_lightning.methods.random_state import CHECKPOINT_KEY as RANDOM_STREAMS_KEY
+from mma_lightning.methods.random_state import RandomStreams
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
@@ -134,6 +136,7 @@ class AdversarialModuleLogic:
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.norm = get_norm(norm).name
+        self.random_streams = RandomStreams()
         self.eval_max_eps = float(eval_max_eps if eval_max_eps is not None else self.default_eval_max_eps())
         # nan_strategy="disable": torchmetrics' NaN filter reads the values on the host (a sync per update).
         self.train_stats = nn.ModuleDict({name: MeanMetric(nan_strategy="disable")
@@ -171,7 +174,32 @@ class AdversarialModuleLogic:
         if self._trainer is not None:  # also usable outside a Trainer (Fabric, a manual loop, a benchmark)
             self.log(f"train/{name}", metric, on_step=True, on_epoch=True, prog_bar=name in ("acc", "avg_eps"))
 
+    @property
+    def attack_generator(self) -> torch.Generator:
+        """The training attacks' random source (on the module's device), saved in every checkpoint."""
+        return self.random_streams.generator(self.device, self.global_rank)
+
+    # --- exact resume: every random stream in the checkpoint (methods.random_state) ------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Add every rank's random streams (attacks, torch, numpy, Python) to the checkpoint."""
+        checkpoint[RANDOM_STREAMS_KEY] = self.random_streams.gathered_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Continue this rank's random streams when resuming a fit (loading weights alone changes none)."""
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        world_size = self.trainer.world_size if self._trainer is not None else 1
+        self.random_streams.restore(checkpoint.get(RANDOM_STREAMS_KEY), self.global_rank, world_size,
+                                    restore_global=fitting)
+
     # --- evaluation ---------------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        """Restart the validation attacks' random stream (a validation depends on the weights alone)."""
+        self.random_streams.restart_eval()
+
+    def on_test_epoch_start(self) -> None:
+        """Restart the test attacks' random stream, as for validation."""
+        self.random_streams.restart_eval()
+
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         """Clean accuracy, PGD robust accuracy at ``eval_eps`` and the average margin estimate."""
         self._eval_step(batch, "val")
@@ -189,7 +217,8 @@ class AdversarialModuleLogic:
             res = find_margin(self.net, x, y, self.norm, init_eps=hp.eval_eps, max_eps=self.eval_max_eps,
                               nb_iter=hp.eval_nb_iter, search_steps=hp.eval_search_steps, loss="ce",
                               step_scale=hp.eval_step_scale, clip_min=hp.clip_min, clip_max=hp.clip_max,
-                              clean_logits=logits)
+                              clean_logits=logits,
+                              generator=self.random_streams.eval_generator(self.device))
         # PGD at eval_eps succeeded iff the bisection's bracket ends at or below eval_eps.
         robust = ~res.success | (res.eps > hp.eval_eps)
         metrics = self.eval_metrics[stage]

@@ -134,7 +134,8 @@ class MMAModuleLogic(AdversarialModuleLogic):
         res = find_margin(self.net, x, y, self.norm, init_eps=init_eps, max_eps=upper, nb_iter=hp.nb_iter,
                           search_steps=hp.search_steps, loss="slm", step_scale=hp.step_scale,
                           clip_min=hp.clip_min, clip_max=hp.clip_max, success=hp.attack_success,
-                          search_train_mode=hp.search_train_mode, clean_logits=logits)
+                          search_train_mode=hp.search_train_mode, clean_logits=logits,
+                          generator=self.attack_generator)
         rows = correct.reshape(-1, *([1] * (x.dim() - 1)))
         x_mixed = torch.where(rows, res.x_adv, x)
         mixed_ce = F.cross_entropy(self.net(x_mixed).float(), y, reduction="none")

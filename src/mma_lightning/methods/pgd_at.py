@@ -62,7 +62,8 @@ class PGDATModuleLogic(AdversarialModuleLogic):
         hp = self.hparams
         eps = self.training_eps()
         x_adv = pgd(self.net, x, y, self.norm, eps=eps, nb_iter=hp.nb_iter, step_scale=hp.step_scale,
-                    rand_init=hp.rand_init, clip_min=hp.clip_min, clip_max=hp.clip_max)
+                    rand_init=hp.rand_init, clip_min=hp.clip_min, clip_max=hp.clip_max,
+                    generator=self.attack_generator)
         logits = self.net(x_adv)
         # A device tensor filled in place: logging the Python float would copy it to the device (a sync).
         self.log("train/eps", torch.full((), eps, device=x.device), on_step=True, on_epoch=False)

@@ -88,7 +88,8 @@ class TRADESModuleLogic(AdversarialModuleLogic):
         with torch.no_grad(), model_mode(self.net, train=False):
             target = F.log_softmax(self.net(x).float(), dim=1)
         x_adv = pgd(self.net, x, y, self.norm, eps=hp.eps, nb_iter=hp.nb_iter, step_scale=hp.step_scale,
-                    loss=kl_objective(target), rand_init=True, clip_min=hp.clip_min, clip_max=hp.clip_max)
+                    loss=kl_objective(target), rand_init=True, clip_min=hp.clip_min, clip_max=hp.clip_max,
+                    generator=self.attack_generator)
         logits = self.net(x)
         adv_logits = self.net(x_adv)
         clean_ce = F.cross_entropy(logits.float(), y, reduction="none")

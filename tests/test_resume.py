@@ -1,0 +1,148 @@
+"""Exact resume: a run stopped at a checkpoint and resumed equals the uninterrupted run bitwise on CPU
+(weights, MMA eps table, optimiser), from an epoch boundary and from mid-epoch (issue 10, item 1).
+
+The model has dropout (the global torch stream), MMA's AN-PGD starts at random (the module's attack
+generator) and the data are shuffled (the resumable sampler); validation and its sanity check run too.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DistributedSampler
+
+from mma_lightning import MMAModule, PGDATModule
+from mma_lightning.data import TensorDataModule
+from mma_lightning.data.resumable import ResumableDataLoader, ResumableSampler
+from mma_lightning.methods.random_state import CHECKPOINT_KEY, RandomStreams
+
+STEPS_PER_EPOCH = 6  # 120 training samples, batch 20
+
+
+def data() -> TensorDataModule:
+    g = torch.Generator().manual_seed(3)
+    y = torch.arange(140) % 3
+    x = (0.5 + 0.25 * (y.view(-1, 1, 1, 1).float() - 1) + 0.15 * torch.randn(140, 1, 4, 4, generator=g))
+    return TensorDataModule(x.clamp(0, 1), y, val_size=20, batch_size=20, seed=7)
+
+
+def module(method: str = "mma") -> pl.LightningModule:
+    pl.seed_everything(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 3))
+    common = dict(norm="linf", eval_eps=0.05, eval_nb_iter=2, eval_search_steps=2,
+                  optimizer=partial(torch.optim.Adam, lr=1e-2))
+    if method == "pgd_at":
+        return PGDATModule(net, eps=0.1, nb_iter=2, **common)
+    return MMAModule(net, max_eps=0.2, min_eps=0.02, nb_iter=2, search_steps=3, **common)
+
+
+def fit(steps: int, root: Path, ckpt_path: str | None = None, method: str = "mma",
+        save_every: int | None = None) -> pl.LightningModule:
+    """Fit ``steps`` optimiser steps (from ``ckpt_path`` if given); checkpoints every ``save_every`` steps."""
+    m = module(method)
+    callbacks = [] if save_every is None else [ModelCheckpoint(dirpath=root, every_n_train_steps=save_every,
+                                                               save_top_k=-1, filename="{step}")]
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, max_epochs=-1, deterministic=True,
+                         logger=False, enable_checkpointing=bool(callbacks), callbacks=callbacks,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=1,
+                         default_root_dir=root)
+    pl.seed_everything(0)
+    trainer.fit(m, datamodule=data(), ckpt_path=ckpt_path)
+    return m
+
+
+def max_diff(a: pl.LightningModule, b: pl.LightningModule) -> float:
+    """Largest absolute difference over every parameter and buffer (the eps table included)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    return max(float((sa[k].double() - sb[k].double()).abs().max()) for k in sa if sa[k].numel())
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory) -> pl.LightningModule:
+    """The uninterrupted MMA run: two epochs."""
+    return fit(2 * STEPS_PER_EPOCH, tmp_path_factory.mktemp("straight"))
+
+
+@pytest.mark.parametrize("stop", [STEPS_PER_EPOCH, STEPS_PER_EPOCH + 3], ids=["epoch_boundary", "mid_epoch"])
+def test_resumed_mma_run_equals_the_uninterrupted_one(tmp_path: Path, stop: int,
+                                                      straight: pl.LightningModule) -> None:
+    total = 2 * STEPS_PER_EPOCH
+    fit(stop, tmp_path / "first", save_every=stop)
+    ckpt = tmp_path / "first" / f"step={stop}.ckpt"
+    assert CHECKPOINT_KEY in torch.load(ckpt, weights_only=True)
+    resumed = fit(total, tmp_path / "resumed", ckpt_path=str(ckpt))
+    assert max_diff(straight, resumed) == 0.0
+    assert float((straight.eps_store.eps - resumed.eps_store.eps).abs().max()) == 0.0
+    assert bool((resumed.eps_store.eps > 0).any())  # the table was really used
+
+
+def test_resumed_pgd_at_run_equals_the_uninterrupted_one(tmp_path: Path) -> None:
+    """PGD-AT's random starts come from the module's generator too (mid-epoch resume)."""
+    straight = fit(8, tmp_path / "straight", method="pgd_at")
+    fit(4, tmp_path / "first", method="pgd_at", save_every=4)
+    resumed = fit(8, tmp_path / "resumed", method="pgd_at", ckpt_path=str(tmp_path / "first" / "step=4.ckpt"))
+    assert max_diff(straight, resumed) == 0.0
+
+
+def test_resume_without_the_streams_differs(tmp_path: Path, straight: pl.LightningModule) -> None:
+    """The equality above is not a tautology: dropping the saved streams from the checkpoint changes the run."""
+    total = 2 * STEPS_PER_EPOCH
+    fit(STEPS_PER_EPOCH + 3, tmp_path / "first", save_every=STEPS_PER_EPOCH + 3)
+    ckpt = torch.load(tmp_path / "first" / f"step={STEPS_PER_EPOCH + 3}.ckpt", weights_only=True)
+    del ckpt[CHECKPOINT_KEY]
+    torch.save(ckpt, tmp_path / "no_streams.ckpt")
+    resumed = fit(total, tmp_path / "resumed", ckpt_path=str(tmp_path / "no_streams.ckpt"))
+    assert max_diff(straight, resumed) > 0
+
+
+def test_sampler_is_distributed_samplers_order_and_skips() -> None:
+    """Same order as DistributedSampler on every rank; a skip leaves out the first global samples."""
+    dataset = list(range(23))
+    for world in (1, 2, 3):
+        for rank in range(world):
+            ref, ours = DistributedSampler(dataset, world, rank, seed=5), ResumableSampler(dataset, world, rank, seed=5)
+            ref.set_epoch(2)
+            ours.set_epoch(2)
+            assert list(ours) == list(ref)
+            ours.skip(2, 4 * world)
+            assert list(ours) == list(ref)[4:]
+            ours.skip(1, 4 * world)  # another epoch's position: the whole epoch
+            assert list(ours) == list(ref)
+
+
+def test_loader_state_round_trip() -> None:
+    """The loader's state after 2 batches makes a fresh loader yield the remaining batches."""
+    dataset = torch.arange(30)
+    loader = ResumableDataLoader(dataset, ResumableSampler(dataset, seed=1), batch_size=4, drop_last=True)
+    loader.sampler.set_epoch(3)
+    full = [b.tolist() for b in loader]
+    it = iter(loader)
+    next(it), next(it)
+    state = loader.state_dict()
+    assert state == {"epoch": 3, "samples": 8}
+    again = ResumableDataLoader(dataset, ResumableSampler(dataset, seed=1), batch_size=4, drop_last=True)
+    again.load_state_dict(state)
+    again.sampler.set_epoch(3)
+    assert [b.tolist() for b in again] == full[2:]
+    with pytest.raises(ValueError, match="samples"):
+        again.load_state_dict({"epoch": 3})
+
+
+def test_streams_restore_the_attack_generator_and_global_state() -> None:
+    streams = RandomStreams()
+    g = streams.generator("cpu")
+    g.manual_seed(11)
+    torch.manual_seed(12)
+    saved = streams.gathered_state()
+    expected = (torch.rand(3, generator=g), torch.rand(3))
+    restored = RandomStreams()
+    restored.restore(saved, rank=0, world_size=1)
+    assert torch.equal(torch.rand(3, generator=restored.generator("cpu")), expected[0])
+    assert torch.equal(torch.rand(3), expected[1])

@@ -37,8 +37,10 @@ from mma_lightning.evaluation import (
     evaluate_model,
     format_eps,
     gradient_masking_checks,
+    margin_histogram_figure,
     model_identity,
     robust_accuracy,
+    robust_accuracy_figure,
     summarize_margins,
     write_report,
 )
@@ -324,8 +326,7 @@ def test_sanity_flags_fire_on_zero_gradient_model_and_stay_quiet_on_normal_one(
         res = robust_accuracy(model, (x, y), norm, grid, nb_iter=10, restarts=1)
         report = gradient_masking_checks(model, (x, y), res, probe_samples=100)
         names = [c.name for c in report.checks]
-        assert names == ["monotone_in_eps", "more_steps_not_weaker", "more_restarts_not_weaker",
-                         "unbounded_eps"]
+        assert names == ["monotone_in_eps", "more_steps_agree", "more_restarts_agree", "unbounded_eps"]
         if masked:
             assert not report.passed and "unbounded_eps" in report.failed, report.to_dict()
         else:
@@ -488,3 +489,164 @@ def test_callback_logs_curve_and_margins_to_csv_and_tensorboard(tmp_path: Path) 
     events.Reload()
     assert {"robust/curve", "robust/margins"} <= set(events.Tags()["images"])
     assert "robust/acc@0.02" in events.Tags()["scalars"]
+
+
+# --- step sizes that fit the step count, sanity checks that flag a weak attack ---------------------------
+def test_step_fits_the_step_count_and_the_papers_protocol_is_unchanged() -> None:
+    from mma_lightning.evaluation import fit_step_fraction, protocol_step_fraction
+
+    assert protocol_step_fraction("linf", eps_grid("mnist_linf")) == pytest.approx(1 / 40)
+    assert protocol_step_fraction("linf", eps_grid("cifar10-linf")) == 0.25
+    assert protocol_step_fraction("l2", eps_grid("mnist-l2")) == 0.25
+    assert fit_step_fraction(100, 1 / 40) == pytest.approx(1 / 40)  # the paper's 100 steps: unchanged
+    assert fit_step_fraction(100, 0.25) == 0.25
+    for k in (1, 5, 20, 60):
+        assert k * fit_step_fraction(k, 1 / 40) >= 2.5 - 1e-12  # K steps reach 2.5 eps: past the surface
+    x, y = torch.rand(4, 1, 4, 4), torch.zeros(4, dtype=torch.long)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    for k, expected in ((100, 1 / 40), (20, 1 / 8), (3, 2.5 / 3)):
+        res = robust_accuracy(net, (x, y), "linf", MNIST_LINF_EPS, nb_iter=k, restarts=1, losses=["ce"])
+        assert res.settings["step_fraction"] == pytest.approx(expected) and res.settings["step_fitted"]
+    given = robust_accuracy(net, (x, y), "linf", MNIST_LINF_EPS, nb_iter=20, restarts=1, step_fraction=0.01)
+    assert given.settings["step_fraction"] == 0.01 and not given.settings["step_fitted"]  # used as given
+
+
+def test_evaluate_model_step_follows_the_grid_protocol_and_eps_grid_accepts_underscores() -> None:
+    assert eps_grid("mnist_linf") == eps_grid("MNIST-Linf") == MNIST_LINF_EPS
+    x, y = torch.rand(4, 1, 4, 4), torch.zeros(4, dtype=torch.long)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    ev = evaluate_model(net, (x, y), "linf", eps_grid("mnist_linf"), restarts=1, margins=False, sanity=False,
+                        progress=False)
+    assert ev.pgd.settings["step_fraction"] == pytest.approx(1 / 40) and ev.pgd.settings["nb_iter"] == 100
+    assert ev.protocol == "custom"  # 1 restart per loss: not the paper's
+    ev = evaluate_model(net, (x, y), "linf", eps_grid("cifar10_linf"), nb_iter=20, restarts=1, margins=False,
+                        sanity=False, progress=False, protocol="fast")
+    assert ev.pgd.settings["step_fraction"] == 0.25 and ev.protocol == "fast"
+
+
+def test_callback_default_step_fits_its_steps() -> None:
+    callback = RobustnessCallback([0.1, 0.2], nb_iter=20)
+    assert callback.step_fraction is None  # fitted by robust_accuracy: max(eps/4, 2.5 eps / 20)
+    with pytest.raises(ValueError, match="step_fraction must be a float > 0"):
+        RobustnessCallback([0.1], step_fraction=-1.0)
+
+
+def test_a_weak_attack_is_flagged_and_a_strong_one_on_the_same_model_is_not(fixed_model, fashion,
+                                                                             tmp_path: Path) -> None:
+    """The issue's case: eps/40 steps with far fewer than 100 steps cannot reach the ball's surface."""
+    x, y = fashion["x"], fashion["y"]
+    common = dict(nb_iter=10, restarts=1, losses=["ce"], margins=False, probe_samples=200, progress=False)
+    weak = evaluate_model(fixed_model, (x, y), "linf", [0.02, 0.05, 0.1], name="weak", step_fraction=1 / 40,
+                          **common)
+    strong = evaluate_model(fixed_model, (x, y), "linf", [0.02, 0.05, 0.1], name="strong", **common)
+    assert weak.flagged and "more_steps_agree" in weak.sanity.failed, weak.sanity.to_dict()
+    check = next(c for c in weak.sanity.checks if c.name == "more_steps_agree")
+    assert check.value < -check.threshold and check.threshold == pytest.approx(0.02)
+    assert "NOT CONVERGED" in check.message and "flagged beyond ±2.0 points" in check.message
+    assert not strong.flagged, strong.sanity.to_dict()
+    assert strong.pgd.avg_robust_accuracy < weak.pgd.avg_robust_accuracy - 0.05  # the weak one overstates
+
+    paths = write_report([weak, strong], tmp_path / "both")
+    table = paths.table_markdown.read_text()
+    assert table.splitlines()[2].startswith("**FLAGGED by the sanity checks: weak (more_steps_agree)")
+    assert "| weak | `more_steps_agree` | **FLAGGED** |" in table and "| 2.0 |" in table
+    doc = json.loads(paths.results_json.read_text())
+    assert doc["flagged"] and doc["flagged_checks"] == {"weak": ["more_steps_agree"]}
+    assert [m["flagged"] for m in doc["models"]] == [True, False]
+    alone = write_report([strong], tmp_path / "strong")
+    assert alone.table_markdown.read_text().splitlines()[2] == "Sanity: all sanity checks passed."
+    assert not json.loads(alone.results_json.read_text())["flagged"]
+
+
+def test_report_and_plots_name_the_protocol_and_the_points(fixed_model, fashion, tmp_path: Path) -> None:
+    x, y = fashion["x"][:64], fashion["y"][:64]
+    ev = evaluate_model(fixed_model, (x, y), "linf", MNIST_LINF_EPS, nb_iter=20, restarts=1, margin_nb_iter=5,
+                        margin_search_steps=5, probe_samples=32, progress=False, protocol="fast")
+    sha = ev.data_info["samples_sha256"][:12]
+    table = write_report([ev], tmp_path).table_markdown.read_text()
+    assert ("protocol **fast** (not the MMA paper's protocol (100 steps, 5 restarts per loss, ce + cw)): "
+            "whitebox PGD, 20 steps of 0.125·eps, fitted to the step count, 1 restart with each of the "
+            "losses ce, cw") in table
+    assert f"64 test points (sha256 {sha})" in table
+    from mma_lightning.evaluation.report import plot_subtitle
+
+    subtitle = plot_subtitle([ev])
+    assert subtitle == ("protocol fast: PGD 20 steps of 0.125·eps, 1 restart per loss (ce, cw); 64 test "
+                        f"points (sha256 {sha})")
+    for fig in (robust_accuracy_figure({"m": ev.pgd}, subtitle=subtitle),
+                margin_histogram_figure({"m": ev.margins}, MNIST_LINF_EPS, subtitle=subtitle)):
+        ax = fig.axes[0]
+        assert ax.get_legend() is None and len(fig.legends) == 1  # the legend is outside the axes
+        assert fig._suptitle is not None and sha in fig._suptitle.get_text().replace("\n", " ")
+    curve_ax = robust_accuracy_figure({"m": ev.pgd}).axes[0]
+    assert curve_ax.get_ylim()[1] <= min(100, 100 * ev.pgd.clean_accuracy + 5) + 1e-9  # fitted to the data
+    hist = margin_histogram_figure({"m": ev.margins}).axes[0]
+    drawn = ev.margins.eps[ev.margins.correct]
+    assert hist.get_xlim()[1] <= float(drawn.max()) * 1.06 + 1e-9  # no empty half of the x-axis
+    assert hist.get_ylabel() == "correctly classified test points"
+    assert f"{int(ev.margins.correct.sum())} correctly classified points (mean" in fig_legend_text(
+        margin_histogram_figure({"m": ev.margins}))
+
+
+def fig_legend_text(fig) -> str:
+    return " ".join(t.get_text().replace("\n", " ") for t in fig.legends[0].get_texts())
+
+
+def test_margin_search_is_passed_through() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(10, 2)
+    x = torch.rand(32, 10)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    runs = {search: estimate_margins(model, (x, y), "linf", 1.0, nb_iter=5, search_steps=6, search=search,
+                                     clip_min=None, clip_max=None, rand_init=False)
+            for search in ("bisection", "refined")}
+    assert {s: r.settings["search"] for s, r in runs.items()} == {s: s for s in ("bisection", "refined")}
+    assert not torch.equal(runs["bisection"].eps, runs["refined"].eps)  # a different search ran
+    ev = evaluate_model(model, (x, y), "linf", [0.1], nb_iter=2, restarts=1, search="refined", sanity=False,
+                        clip_min=None, clip_max=None, margin_nb_iter=5, margin_search_steps=6, progress=False)
+    assert ev.margins.settings["search"] == "refined"
+    with pytest.raises(ValueError, match=r"search must be one of \['bisection', 'refined'\]"):
+        estimate_margins(model, (x, y), "linf", 1.0, search="golden")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(nb_iter=0), "nb_iter must be an integer >= 1"),
+    (dict(margin_search_steps=0), "margin_search_steps must be an integer >= 1"),
+    (dict(probe_samples=-1), "probe_samples must be an integer >= 1"),
+    (dict(max_samples=0), "max_samples must be an integer >= 1 or None"),
+    (dict(step_fraction="big"), "step_fraction must be a float > 0"),
+    (dict(margin_max_eps=-1.0), "margin_max_eps must be a finite float > 0 or None"),
+    (dict(search="golden"), r"search must be one of \['bisection', 'refined'\]"),
+    (dict(autoattack_version="apgd"), "autoattack_version must be one of"),
+    (dict(margins="yes"), "margins must be true or false"),
+    (dict(clip_min=1.0, clip_max=0.0), "clip_min and clip_max must both be None"),
+    (dict(losses=[]), "losses must be a non-empty sequence"),
+])
+def test_evaluate_model_refuses_bad_settings_before_any_work(kwargs: dict, match: str) -> None:
+    class Untouchable(nn.Linear):
+        def forward(self, x):
+            raise AssertionError("the model ran before the settings were checked")
+
+    with pytest.raises(ValueError, match=match):
+        evaluate_model(Untouchable(4, 2), (torch.rand(4, 4), torch.zeros(4, dtype=torch.long)), "linf", [0.1],
+                       **kwargs)
+
+
+def test_a_long_evaluation_is_announced_with_the_fast_protocol(monkeypatch, caplog) -> None:
+    from mma_lightning.evaluation import evaluate as evaluate_module
+
+    x, y = torch.rand(40, 1, 4, 4), torch.zeros(40, dtype=torch.long)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    run = partial(evaluate_model, net, (x, y), "linf", [0.1], nb_iter=2, restarts=1, margin_nb_iter=2,
+                  margin_search_steps=2, probe_samples=8, batch_size=10, progress=False)
+    with caplog.at_level("INFO", logger="mma_lightning.evaluation.evaluate"):
+        run(name="short")
+    (record,) = [r for r in caplog.records if "short" in r.getMessage()]
+    assert record.levelname == "INFO" and "the whole evaluation (40 points) will take about" in record.message
+    monkeypatch.setattr(evaluate_module, "LONG_EVALUATION_S", 0.0)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="mma_lightning.evaluation.evaluate"):
+        run(name="long")
+    (record,) = [r for r in caplog.records if "long" in r.getMessage()]
+    assert record.levelname == "WARNING" and "evaluation=fast" in record.message

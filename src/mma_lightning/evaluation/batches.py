@@ -129,6 +129,20 @@ def _sharded_loader(loader: DataLoader, limit: int, world: int, rank: int, batch
     )
 
 
+def data_size(data: EvalData, max_samples: int | None = None) -> int | None:
+    """How many points :func:`evaluation_batches` yields over all ranks (``None``: an iterable of unknown
+    length without ``max_samples``)."""
+    if _is_tensor_data(data):
+        n: int | None = int(data[0].shape[0])
+    elif isinstance(data, DataLoader) and not isinstance(data.dataset, IterableDataset):
+        n = len(data.dataset)  # type: ignore[arg-type]
+    else:
+        n = None
+    if max_samples is None:
+        return n
+    return max_samples if n is None else min(n, max_samples)
+
+
 def evaluation_batches(
     data: EvalData,
     device: torch.device,

@@ -14,7 +14,13 @@ from mma_lightning.evaluation.batches import EvalData, check_positive_int
 from mma_lightning.evaluation.margins import MarginEstimates, estimate_margins
 from mma_lightning.evaluation.plots import margin_histogram_figure, robust_accuracy_figure
 from mma_lightning.evaluation.protocol import check_eps_grid
-from mma_lightning.evaluation.robustness import RobustnessResult, check_losses, check_norm, robust_accuracy
+from mma_lightning.evaluation.robustness import (
+    RobustnessResult,
+    check_losses,
+    check_norm,
+    check_step_fraction,
+    robust_accuracy,
+)
 from mma_lightning.namespaces import lightning_types
 
 
@@ -33,7 +39,9 @@ class RobustnessCallbackLogic:
         max_samples: number of validation points (cheap by default).
         norm: threat model; default the module's ``norm`` attribute (``AdversarialModule`` has one).
         data: evaluation data (as :func:`robust_accuracy`); default the trainer's validation dataloader.
-        nb_iter, restarts, losses, step_fraction: the PGD attack (cheaper than the paper's protocol).
+        nb_iter, restarts, losses, step_fraction: the PGD attack (cheaper than the paper's protocol);
+            ``step_fraction=None`` fits the step to ``nb_iter`` (:func:`fit_step_fraction`), so the cheap
+            attack still reaches the ball's surface.
         margins: also estimate per-sample margins (one search from the middle eps, ``margin_nb_iter`` steps,
             over ``[0, margin_max_eps]``, default twice the largest eps).
 
@@ -53,7 +61,7 @@ class RobustnessCallbackLogic:
         nb_iter: int = 20,
         restarts: int = 1,
         losses: Sequence[str] = ("ce",),
-        step_fraction: float = 0.25,
+        step_fraction: float | None = None,
         margins: bool = True,
         margin_max_eps: float | None = None,
         margin_nb_iter: int = 20,
@@ -77,7 +85,8 @@ class RobustnessCallbackLogic:
         self.data = data
         self.nb_iter = nb_iter
         self.restarts = restarts
-        self.step_fraction = step_fraction
+        self.step_fraction = None if step_fraction is None else check_step_fraction("step_fraction",
+                                                                                  step_fraction)
         self.margins = margins
         self.margin_max_eps = 2 * self.eps_grid[-1] if margin_max_eps is None else margin_max_eps
         self.margin_nb_iter = margin_nb_iter

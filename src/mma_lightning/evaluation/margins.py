@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from mma_lightning.attacks import find_margin
+from mma_lightning.attacks.margin import SEARCHES
 from mma_lightning.attacks.context import model_mode
 from mma_lightning.evaluation.batches import (
     EvalData,
@@ -27,6 +28,7 @@ from mma_lightning.evaluation.batches import (
     model_device,
     resolve_shard,
 )
+from mma_lightning.evaluation.cache import OutcomeCache
 from mma_lightning.evaluation.collect import SampleCollector
 from mma_lightning.evaluation.protocol import LOSSES, check_eps_grid, format_eps
 from mma_lightning.evaluation.robustness import check_losses, check_norm, restart_seed
@@ -123,10 +125,12 @@ def estimate_margins(
     clip_min: float | None = 0.0,
     clip_max: float | None = 1.0,
     seed: int = 0,
+    search: str = "bisection",
     batch_size: int = 256,
     max_samples: int | None = None,
     shard: bool | None = None,
     progress: bool = False,
+    cache: OutcomeCache | None = None,
 ) -> MarginEstimates:
     """Per-sample margin estimates: the smallest of several :func:`find_margin` searches per sample.
 
@@ -143,7 +147,9 @@ def estimate_margins(
             its eps grid.
         losses: PGD objectives (default CE and CW, as the evaluation protocol).
         restarts: seeded random restarts per (radius, loss).
-        batch_size, max_samples, shard, progress: as for :func:`robust_accuracy`.
+        search: the margin search after PGD, passed to :func:`find_margin`: ``"bisection"`` (the
+            reference's) or ``"refined"``.
+        batch_size, max_samples, shard, progress, cache: as for :func:`robust_accuracy`.
     """
     norm = check_norm(norm)
     if not (isinstance(max_eps, (int, float)) and 0 < max_eps < float("inf")):
@@ -155,9 +161,12 @@ def estimate_margins(
     check_positive_int("nb_iter", nb_iter)
     check_positive_int("search_steps", search_steps)
     check_positive_int("restarts", restarts)
+    if search not in SEARCHES:
+        raise ValueError(f"search must be one of {list(SEARCHES)}, got {search!r}")
     settings = {"init_eps": list(starts), "nb_iter": nb_iter, "search_steps": search_steps,
                 "losses": list(losses), "restarts": restarts, "step_scale": step_scale,
-                "rand_init": bool(rand_init), "clip_min": clip_min, "clip_max": clip_max, "seed": seed}
+                "rand_init": bool(rand_init), "clip_min": clip_min, "clip_max": clip_max, "seed": seed,
+                "search": search}
     device = model_device(model)
     _, rank = distributed_world()
     collector = SampleCollector(["eps", "found", "correct"], device, sync=resolve_shard(shard))
@@ -165,21 +174,27 @@ def estimate_margins(
                                  progress=progress, desc=f"margins {norm}")
     with torch.inference_mode(False), torch.no_grad(), model_mode(model, train=False):
         for b, (x, y, index) in enumerate(batches):
-            logits = model(x)
-            best = torch.full_like(y, float(max_eps), dtype=x.dtype)
-            found = torch.zeros_like(y, dtype=torch.bool)
-            for k, start in enumerate(starts):
-                for li, loss in enumerate(losses):
-                    for r in range(restarts):
-                        run_seed = restart_seed(seed, k, li, r, b, rank)
-                        generator = torch.Generator(device=device).manual_seed(run_seed)
-                        res = find_margin(model, x, y, norm, init_eps=start, max_eps=max_eps, nb_iter=nb_iter,
-                                          search_steps=search_steps, loss=loss, rand_init=rand_init,
-                                          step_scale=step_scale, clip_min=clip_min, clip_max=clip_max,
-                                          success="argmax", generator=generator, clean_logits=logits)
-                        best = torch.where(res.success, torch.minimum(best, res.eps), best)
-                        found = found | res.success
-            collector.update(index, eps=best, found=found, correct=logits.argmax(dim=1) == y)
+            columns = None if cache is None else cache.get(b, device)
+            if columns is None:
+                logits = model(x)
+                best = torch.full_like(y, float(max_eps), dtype=x.dtype)
+                found = torch.zeros_like(y, dtype=torch.bool)
+                for k, start in enumerate(starts):
+                    for li, loss in enumerate(losses):
+                        for r in range(restarts):
+                            run_seed = restart_seed(seed, k, li, r, b, rank)
+                            generator = torch.Generator(device=device).manual_seed(run_seed)
+                            res = find_margin(model, x, y, norm, init_eps=start, max_eps=max_eps,
+                                              nb_iter=nb_iter, search_steps=search_steps, loss=loss,
+                                              rand_init=rand_init, step_scale=step_scale, clip_min=clip_min,
+                                              clip_max=clip_max, success="argmax", generator=generator,
+                                              clean_logits=logits, search=search)
+                            best = torch.where(res.success, torch.minimum(best, res.eps), best)
+                            found = found | res.success
+                columns = {"eps": best, "found": found, "correct": logits.argmax(dim=1) == y}
+                if cache is not None:
+                    cache.put(b, columns)
+            collector.update(index, **columns)
     out = collector.compute()
     return MarginEstimates(eps=out["eps"].float().cpu(), found=out["found"].bool().cpu(),
                            correct=out["correct"].bool().cpu(), index=out["index"].cpu(), norm=norm,

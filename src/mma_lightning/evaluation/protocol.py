@@ -37,13 +37,56 @@ DEFAULT_STEP_FRACTION: float = 0.25
 """Step size as a fraction of eps: ``eps / 4``, the script's choice for every setting but MNIST Linf."""
 MNIST_LINF_STEP_FRACTION: float = 1 / 40
 """Step size as a fraction of eps for MNIST Linf in the release script: ``eps / 40``."""
+STEP_SCALE: float = 2.5
+"""Least distance, in units of eps, that ``K`` PGD steps can travel (the MMA reference's ``step_scale``:
+step ``2.5 * eps / K``); ``100 * eps / 40`` is exactly that."""
+
+
+def protocol_step_fraction(norm: str, eps_grid: Sequence[float]) -> float:
+    """The release script's step fraction for a threat model and grid: ``eps / 40`` for the MNIST Linf grid
+    (:data:`MNIST_LINF_EPS`, recognised by its values), ``eps / 4`` otherwise."""
+    values = tuple(sorted(float(e) for e in eps_grid))
+    mnist = len(values) == len(MNIST_LINF_EPS) and all(
+        abs(a - b) < 1e-9 for a, b in zip(values, MNIST_LINF_EPS))
+    return MNIST_LINF_STEP_FRACTION if norm == "linf" and mnist else DEFAULT_STEP_FRACTION
+
+
+def fit_step_fraction(nb_iter: int, protocol_fraction: float, step_scale: float = STEP_SCALE) -> float:
+    """The step fraction for ``nb_iter`` PGD steps: ``max(protocol_fraction, step_scale / nb_iter)``, so the
+    attack can travel ``step_scale * eps`` (beyond the ball's surface) within its steps.
+
+    Example:
+        >>> fit_step_fraction(100, 1 / 40), fit_step_fraction(20, 1 / 40), fit_step_fraction(20, 0.25)
+        (0.025, 0.125, 0.25)
+    """
+    if isinstance(nb_iter, bool) or not isinstance(nb_iter, int) or nb_iter < 1:
+        raise ValueError(f"nb_iter must be an integer >= 1, got {nb_iter!r}")
+    return max(float(protocol_fraction), step_scale / nb_iter)
+
+
+def is_paper_protocol(settings: dict) -> bool:
+    """Whether PGD ``settings`` (:attr:`RobustnessResult.settings`) are the release script's protocol: 100
+    steps, 5 random restarts with each of CE and CW, the step fraction of the data's protocol
+    (``settings["protocol_step_fraction"]``)."""
+    fraction, protocol = settings.get("step_fraction"), settings.get("protocol_step_fraction")
+    return (settings.get("nb_iter") == PGD_STEPS and settings.get("restarts") == RESTARTS_PER_LOSS
+            and tuple(settings.get("losses", ())) == LOSSES and bool(settings.get("rand_init"))
+            and fraction is not None and protocol is not None and abs(fraction - protocol) < 1e-12)
+
+
+def grid_name(name: str) -> str:
+    """The canonical preset name; case, ``_`` or ``-`` do not matter (``"MNIST_linf"``: ``"mnist-linf"``)."""
+    key = name.strip().lower().replace("_", "-") if isinstance(name, str) else name
+    if key not in EPS_GRIDS:
+        raise ValueError(f"eps grid name must be one of {sorted(EPS_GRIDS)} ('_' for '-' works too), "
+                         f"got {name!r}")
+    return key
 
 
 def eps_grid(name: str) -> tuple[float, ...]:
-    """The preset eps grid ``name`` (one of :data:`EPS_GRIDS`), e.g. ``eps_grid("cifar10-linf")``."""
-    if name not in EPS_GRIDS:
-        raise ValueError(f"eps grid name must be one of {sorted(EPS_GRIDS)}, got {name!r}")
-    return EPS_GRIDS[name]
+    """The preset eps grid ``name`` (one of :data:`EPS_GRIDS`; ``"mnist_linf"`` works too), e.g.
+    ``eps_grid("cifar10-linf")``."""
+    return EPS_GRIDS[grid_name(name)]
 
 
 def check_eps_grid(eps_grid: Sequence[float] | float, name: str = "eps_grid") -> tuple[float, ...]:

@@ -29,7 +29,7 @@ from matplotlib.figure import Figure
 
 from mma_lightning.evaluation.evaluate import ModelEvaluation
 from mma_lightning.evaluation.plots import margin_histogram_figure, robust_accuracy_figure
-from mma_lightning.evaluation.protocol import format_eps
+from mma_lightning.evaluation.protocol import LOSSES, PGD_STEPS, RESTARTS_PER_LOSS, format_eps
 from mma_lightning.evaluation.robustness import RobustnessResult
 
 RESULTS_FORMAT = "mma-lightning/robustness-results"
@@ -61,13 +61,37 @@ def _software() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+def flagged_checks(evaluations: Sequence[ModelEvaluation]) -> dict[str, list[str]]:
+    """The failed sanity checks of each flagged evaluation, by name (empty: nothing flagged)."""
+    return {e.name: e.sanity.failed for e in evaluations if e.sanity is not None and not e.sanity.passed}
+
+
+def verdict_line(evaluations: Sequence[ModelEvaluation]) -> str:
+    """One line for the whole report: which evaluations the sanity checks flagged, or that all passed."""
+    flagged = flagged_checks(evaluations)
+    if flagged:
+        which = "; ".join(f"{name} ({', '.join(checks)})" for name, checks in flagged.items())
+        return (f"FLAGGED by the sanity checks: {which}. The robust accuracy reported is likely "
+                "overestimated; see the sanity checks in results.md")
+    if all(e.sanity is None for e in evaluations):
+        return "sanity checks not run: nothing vouches for the strength of the attack"
+    unchecked = [e.name for e in evaluations if e.sanity is None]
+    tail = f" (not run for {', '.join(unchecked)})" if unchecked else ""
+    return f"all sanity checks passed{tail}"
+
+
 def results_document(evaluations: Sequence[ModelEvaluation]) -> dict[str, Any]:
-    """The content of ``results.json``: format tag, creation time, software versions, one entry per model."""
+    """The content of ``results.json``: format tag, creation time, software versions, the report's verdict
+    (``flagged`` with the failed checks per model), one entry per model."""
+    flagged = flagged_checks(evaluations)
     return {
         "format": RESULTS_FORMAT,
         "format_version": RESULTS_FORMAT_VERSION,
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "software": _software(),
+        "flagged": bool(flagged),
+        "flagged_checks": flagged,
+        "verdict": verdict_line(evaluations),
         "models": [e.to_dict() for e in evaluations],
     }
 
@@ -84,12 +108,43 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return [_row(header), _row(["---"] * len(header)), *(_row(r) for r in rows)]
 
 
-def _pgd_settings_text(res: RobustnessResult) -> str:
-    s = res.settings
+def protocol_text(e: ModelEvaluation) -> str:
+    """The protocol in words: its name, the attack (steps, step size, restarts, losses), the test points and
+    their fingerprint."""
+    s = e.pgd.settings
     start = "random start" if s["rand_init"] else "no random start"
-    return (f"whitebox PGD, {s['nb_iter']} steps of {s['step_fraction']:g}·eps, {s['restarts']} restart(s) "
-            f"with each of the losses {', '.join(s['losses'])} ({start}, seed {s['seed']}), worst case per "
-            f"sample; {res.num_samples} test points")
+    fitted = ", fitted to the step count" if s.get("step_fitted") else ""
+    paper = ("the MMA paper's protocol" if e.protocol == "paper" else
+             f"not the MMA paper's protocol ({PGD_STEPS} steps, {RESTARTS_PER_LOSS} restarts per loss, "
+             f"{' + '.join(LOSSES)})")
+    return (f"protocol **{e.protocol}** ({paper}): whitebox PGD, {s['nb_iter']} steps of "
+            f"{s['step_fraction']:.4g}·eps{fitted}, {_restarts(s['restarts'])} with each of the losses "
+            f"{', '.join(s['losses'])} ({start}, seed {s['seed']}), worst case per sample; "
+            f"{points_text(e)}")
+
+
+def plot_subtitle(evaluations: Sequence[ModelEvaluation]) -> str:
+    """The plots' protocol line(s): protocol name, steps, step size, restarts, losses, test points and their
+    fingerprint (one line per distinct protocol)."""
+    texts: dict[str, list[str]] = {}
+    for e in evaluations:
+        s = e.pgd.settings
+        text = (f"protocol {e.protocol}: PGD {s['nb_iter']} steps of {s['step_fraction']:.4g}·eps, "
+                f"{_restarts(s['restarts'])} per loss ({', '.join(s['losses'])}); {points_text(e)}")
+        texts.setdefault(text, []).append(e.name)
+    if len(texts) == 1:
+        return next(iter(texts))
+    return "\n".join(f"{', '.join(names)}: {text}" for text, names in texts.items())
+
+
+def _restarts(n: int) -> str:
+    return f"{n} restart" if n == 1 else f"{n} restarts"
+
+
+def points_text(e: ModelEvaluation) -> str:
+    """``"1000 test points (sha256 1a2b3c4d5e6f)"``."""
+    sha = str(e.data_info.get("samples_sha256", "?"))[:12]
+    return f"{e.pgd.num_samples} test points (sha256 {sha})"
 
 
 def _sanity_cell(e: ModelEvaluation) -> str:
@@ -109,7 +164,10 @@ def _groups(evaluations: Sequence[ModelEvaluation], key: str) -> dict[tuple[str,
 
 def markdown_report(evaluations: Sequence[ModelEvaluation], title: str = "Robustness evaluation") -> str:
     """The Markdown report: one comparison table per (norm, eps grid), margins, AutoAttack, sanity flags."""
-    lines = [f"# {title}", ""]
+    verdict = verdict_line(evaluations)
+    headline = f"**{verdict}.**" if flagged_checks(evaluations) else f"Sanity: {verdict}."
+    lines = [f"# {title}", "", headline, ""]
+    lines += [f"- **{e.name}**: {protocol_text(e)}." for e in evaluations] + [""]
     for (norm, grid), group in _groups(evaluations, "pgd").items():
         eps_cols = [format_eps(e) for e in grid]
         lines += [f"## Robust accuracy (%), {norm}", ""]
@@ -117,10 +175,8 @@ def markdown_report(evaluations: Sequence[ModelEvaluation], title: str = "Robust
                  _pct(e.pgd.avg_robust_accuracy), *(_pct(a) for a in e.pgd.robust_accuracy), _sanity_cell(e)]
                 for e in group]
         lines += _table(["model", "Clean", "AvgAcc", "AvgRobAcc", *eps_cols, "sanity"], rows)
-        settings = {_pgd_settings_text(e.pgd) for e in group}
-        lines += ["", *(f"Attack: {s}." for s in sorted(settings)),
-                  "AvgRobAcc: mean robust accuracy over the eps grid; AvgAcc: the same mean with the clean "
-                  "accuracy included.", ""]
+        lines += ["", "Clean: accuracy on the test points; AvgRobAcc: mean robust accuracy over the eps "
+                  "grid; AvgAcc: the same mean with the clean accuracy included.", ""]
     for (norm, grid), group in _groups(evaluations, "margins").items():
         lines += [f"## Margins, {norm}", ""]
         rows = []
@@ -139,13 +195,14 @@ def markdown_report(evaluations: Sequence[ModelEvaluation], title: str = "Robust
         lines += _table(["model", "Clean", "AvgRobAcc", *(format_eps(x) for x in grid)], rows) + [""]
     checked = [e for e in evaluations if e.sanity is not None]
     if checked:
-        lines += ["## Sanity checks (gradient masking)", ""]
-        for e in checked:
-            verdict = "all checks passed" if e.sanity.passed else "**FLAGGED**: " + ", ".join(e.sanity.failed)
-            lines.append(f"- **{e.name}**: {verdict}")
-            lines += [f"  - {'ok' if c.passed else 'FAILED'} `{c.name}`: {c.message}"
-                      for c in e.sanity.checks]
-        lines.append("")
+        lines += ["## Sanity checks (attack strength, gradient masking)", ""]
+        rows = [[e.name, f"`{c.name}`", "ok" if c.passed else "**FLAGGED**", f"{100 * c.value:+.1f}",
+                 f"{100 * c.threshold:.1f}", c.message] for e in checked for c in e.sanity.checks]
+        lines += _table(["model", "check", "result", "value (%)", "threshold (%)", "measured"], rows)
+        probes = {f"{e.name}: probes at eps {format_eps(e.sanity.settings['probe_eps'])} on the first "
+                  f"{e.sanity.settings['probe_samples']} test points" for e in checked}
+        lines += ["", *(f"{p}." for p in sorted(probes)), "A value beyond its threshold flags the whole "
+                  "report: the robust accuracy is then likely overestimated.", ""]
     lines += ["## Models and data", ""]
     rows = [[e.name, str(e.model_info.get("class", "?")), str(e.model_info.get("num_parameters", "?")),
              str(e.model_info.get("state_sha256", "?"))[:12], str(e.data_info.get("num_samples", "?")),
@@ -193,15 +250,18 @@ def write_report(evaluations: Sequence[ModelEvaluation] | ModelEvaluation, out_d
     paths = ReportPaths(out / RESULTS_JSON, out / TABLE_MARKDOWN, out / ROBUST_ACCURACY_PNG,
                         out / MARGINS_PNG if any(e.margins is not None for e in evaluations) else None)
 
-    curves: dict[str, RobustnessResult] = {e.name: e.pgd for e in evaluations}
-    curves.update({f"{e.name} (AutoAttack)": e.autoattack for e in evaluations if e.autoattack is not None})
-    curve_png = _png_bytes(robust_accuracy_figure(curves))
+    labels = {e.name: f"{e.name} [FLAGGED]" if e.flagged else e.name for e in evaluations}
+    curves: dict[str, RobustnessResult] = {labels[e.name]: e.pgd for e in evaluations}
+    curves.update({f"{labels[e.name]} (AutoAttack)": e.autoattack for e in evaluations
+                   if e.autoattack is not None})
+    subtitle = plot_subtitle(evaluations)
+    curve_png = _png_bytes(robust_accuracy_figure(curves, subtitle=subtitle))
     margins_png = None
     if paths.margins_png is not None:
-        with_margins = {e.name: e.margins for e in evaluations if e.margins is not None}
+        with_margins = {labels[e.name]: e.margins for e in evaluations if e.margins is not None}
         grids = {e.pgd.eps_grid for e in evaluations if e.margins is not None}
         thresholds = next(iter(grids)) if len(grids) == 1 else ()
-        margins_png = _png_bytes(margin_histogram_figure(with_margins, thresholds))
+        margins_png = _png_bytes(margin_histogram_figure(with_margins, thresholds, subtitle=subtitle))
     document = json.dumps(results_document(evaluations), indent=2, allow_nan=False).encode()
 
     _write_atomic(paths.results_json, document)

@@ -16,8 +16,9 @@ are the same attacks (worst case over more restarts is never less strict).
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -33,15 +34,17 @@ from mma_lightning.evaluation.batches import (
     model_device,
     resolve_shard,
 )
+from mma_lightning.evaluation.cache import OutcomeCache
 from mma_lightning.evaluation.collect import SampleCollector
 from mma_lightning.evaluation.protocol import (
-    DEFAULT_STEP_FRACTION,
     LOSSES,
     PGD_STEPS,
     RESTARTS_PER_LOSS,
     check_eps_grid,
+    fit_step_fraction,
     format_eps,
 )
+from mma_lightning.evaluation.protocol import protocol_step_fraction as protocol_step_fraction_for
 from mma_lightning.evaluation.sharding import distributed_world
 
 
@@ -206,7 +209,8 @@ def robust_accuracy(
     nb_iter: int = PGD_STEPS,
     restarts: int = RESTARTS_PER_LOSS,
     losses: Sequence[str] = LOSSES,
-    step_fraction: float = DEFAULT_STEP_FRACTION,
+    step_fraction: float | None = None,
+    protocol_step_fraction: float | None = None,
     rand_init: bool = True,
     clip_min: float | None = 0.0,
     clip_max: float | None = 1.0,
@@ -215,12 +219,14 @@ def robust_accuracy(
     max_samples: int | None = None,
     shard: bool | None = None,
     progress: bool = False,
+    cache: OutcomeCache | None = None,
+    on_first_batch: Callable[[float, int], None] | None = None,
 ) -> RobustnessResult:
     """Whitebox PGD robust accuracy at every eps of ``eps_grid``, worst case per sample over all attacks.
 
     Defaults are the MMA release evaluation (docs/mma-algorithm.md, "Evaluation protocol"): 100 steps,
-    5 restarts with each of the CE and CW losses, step ``eps / 4``. For MNIST Linf the script used
-    ``eps / 40``: pass ``step_fraction=MNIST_LINF_STEP_FRACTION``.
+    5 restarts with each of the CE and CW losses, step ``eps / 40`` on the MNIST Linf grid and ``eps / 4``
+    otherwise; with another ``nb_iter`` the step is fitted to it (:func:`fit_step_fraction`).
 
     Args:
         model: maps inputs in ``[clip_min, clip_max]`` to logits (normalisation inside). Put in eval mode for
@@ -232,7 +238,10 @@ def robust_accuracy(
         nb_iter: PGD steps per attack.
         restarts: random restarts per loss.
         losses: PGD objectives, names from ``mma_lightning.attacks``: ``"ce"``, ``"cw"``, ``"slm"``, ``"lm"``.
-        step_fraction: step size as a fraction of eps (``0.25`` = ``eps / 4``).
+        step_fraction: step size as a fraction of eps (``0.25`` = ``eps / 4``), used as given; ``None``:
+            ``fit_step_fraction(nb_iter, protocol_step_fraction)``, a step that fits the step count.
+        protocol_step_fraction: the data's step fraction at the paper's 100 steps; ``None``: the release
+            script's for the grid (:func:`protocol_step_fraction`: ``eps / 40`` for the MNIST Linf grid).
         rand_init: random start in the ball (without it, restarts of one loss are the same attack).
         clip_min, clip_max: the data box (``None`` for both: no box).
         seed: base seed of the restarts' generators.
@@ -241,17 +250,23 @@ def robust_accuracy(
         shard: shard over ``torch.distributed`` ranks with a non-padding sampler (default: when initialised);
             the per-sample outcomes are gathered, so every rank returns the full result.
         progress: tqdm progress bar over the test points.
+        cache: per-batch outcomes of an interrupted run of the same evaluation (:func:`stage_cache`): stored
+            batches are not attacked again, new ones are stored.
+        on_first_batch: called once with the seconds the first attacked batch took and its size (for a time
+            estimate).
     """
     norm = check_norm(norm)
     grid = check_eps_grid(eps_grid)
     losses = check_losses(losses)
     check_positive_int("nb_iter", nb_iter)
     check_positive_int("restarts", restarts)
-    if not (isinstance(step_fraction, (int, float)) and 0 < step_fraction < float("inf")):
-        raise ValueError("step_fraction must be a float > 0 (step size = step_fraction * eps), "
-                         f"got {step_fraction!r}")
+    protocol_fraction = (protocol_step_fraction_for(norm, grid) if protocol_step_fraction is None
+                         else check_step_fraction("protocol_step_fraction", protocol_step_fraction))
+    fraction = (fit_step_fraction(nb_iter, protocol_fraction) if step_fraction is None
+                else check_step_fraction("step_fraction", step_fraction))
     settings = {"nb_iter": nb_iter, "restarts": restarts, "losses": list(losses),
-                "step_fraction": float(step_fraction), "rand_init": bool(rand_init),
+                "step_fraction": fraction, "protocol_step_fraction": protocol_fraction,
+                "step_fitted": step_fraction is None, "rand_init": bool(rand_init),
                 "clip_min": clip_min, "clip_max": clip_max, "seed": seed}
     device = model_device(model)
     _, rank = distributed_world()
@@ -259,16 +274,34 @@ def robust_accuracy(
                                 sync=resolve_shard(shard))
     batches = evaluation_batches(data, device, batch_size=batch_size, max_samples=max_samples, shard=shard,
                                  progress=progress, desc=f"PGD {norm}")
+    timed = on_first_batch is not None
     with torch.inference_mode(False), torch.no_grad(), model_mode(model, train=False):
         for b, (x, y, index) in enumerate(batches):
-            correct = model(x).argmax(dim=1) == y
-            robust = {}
-            for k, eps in enumerate(grid):
-                seeds = [restart_seed(seed, k, li, r, b, rank)
-                         for li in range(len(losses)) for r in range(restarts)]
-                robust[f"robust@{k}"] = worst_case_robust(
-                    model, x, y, correct, norm, eps, nb_iter=nb_iter, restarts=restarts, losses=losses,
-                    step_fraction=step_fraction, rand_init=rand_init, clip_min=clip_min, clip_max=clip_max,
-                    seeds=seeds)
-            collector.update(index, label=y, correct=correct, **robust)
+            columns = None if cache is None else cache.get(b, device)
+            if columns is None:
+                start = time.perf_counter()
+                correct = model(x).argmax(dim=1) == y
+                columns = {"label": y, "correct": correct}
+                for k, eps in enumerate(grid):
+                    seeds = [restart_seed(seed, k, li, r, b, rank)
+                             for li in range(len(losses)) for r in range(restarts)]
+                    columns[f"robust@{k}"] = worst_case_robust(
+                        model, x, y, correct, norm, eps, nb_iter=nb_iter, restarts=restarts, losses=losses,
+                        step_fraction=fraction, rand_init=rand_init, clip_min=clip_min, clip_max=clip_max,
+                        seeds=seeds)
+                if cache is not None:
+                    cache.put(b, {"index": index, **columns})
+                if timed and on_first_batch is not None:
+                    on_first_batch(time.perf_counter() - start, int(x.shape[0]))
+                    timed = False
+            columns.pop("index", None)
+            collector.update(index, **columns)
     return result_from_outcomes(collector.compute(), norm, grid, "pgd", settings)
+
+
+def check_step_fraction(name: str, value: float) -> float:
+    """``value`` as a float, or a ``ValueError`` naming ``name`` unless it is a finite number > 0."""
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 < value < float("inf")):
+        raise ValueError(f"{name} must be a float > 0 (step size = {name} * eps) or None (a step fitted "
+                         f"to nb_iter), got {value!r}")
+    return float(value)

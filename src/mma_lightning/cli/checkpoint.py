@@ -7,11 +7,21 @@ resuming from it (``ckpt_path=<run>/checkpoints/last.ckpt``) would silently repe
 older optimiser state and MMA eps table. :class:`BestAndLastCheckpoint` writes ``last.ckpt`` wherever
 Lightning considers saving (after validation or at epoch end) and when training ends, whatever the monitored
 value.
+
+:class:`AtomicCheckpointIO` makes every checkpoint write atomic (``trainer.plugins`` in ``conf/trainer/default.yaml``).
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
 import pytorch_lightning as pl
+import torch
+from lightning_fabric.plugins import TorchCheckpointIO
+from lightning_fabric.utilities.types import _PATH
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 
@@ -49,3 +59,51 @@ class BestAndLastCheckpointLogic:
 # (mma_lightning.lightning builds the lightning.pytorch ones from the same logic classes).
 class BestAndLastCheckpoint(BestAndLastCheckpointLogic, ModelCheckpoint):
     """:class:`BestAndLastCheckpointLogic` on pytorch_lightning (the default namespace)."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO`` whose local writes are atomic and durable: the checkpoint goes to a
+    temporary file in the destination's folder, is flushed to disk (``fsync``), then ``os.replace``-d over the
+    destination and the folder is synced. A process killed at any moment (SIGKILL, power loss) leaves either the
+    previous file or the new one, never a truncated ``last.ckpt``.
+
+    (``TorchCheckpointIO`` writes through an fsspec transaction whose temporary file lives in the system's temp
+    folder and is then moved, i.e. copied when that is another file system, without ``fsync``.) Remote paths
+    (``s3://`` ...) keep Lightning's behaviour.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        """``torch.save`` to ``<dir>/.<name>.<random>.tmp``, ``fsync``, ``os.replace`` onto ``path``."""
+        if "://" in str(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        if storage_options is not None:
+            raise ValueError("storage_options is not supported for local checkpoints (AtomicCheckpointIO), "
+                             f"got {storage_options!r}")
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(target.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

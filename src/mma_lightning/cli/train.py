@@ -64,7 +64,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     metrics: dict[str, float] = {}
     if cfg.get("train", True):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        except lightning_types("utilities.exceptions.SIGTERMException"):
+            # A signal (callbacks.StopOnSignal): last.ckpt is written; no test of a half-trained model.
+            log.warning(f"training stopped by a signal at step {trainer.global_step}; resume with "
+                        f"ckpt_path={last_checkpoint(trainer) or '<run>/checkpoints/last.ckpt'}")
+            return floats(trainer.callback_metrics)
         metrics.update(floats(trainer.callback_metrics))
     if cfg.get("test", False):
         # The best checkpoint of this fit; with train=false, the checkpoint given as ckpt_path.
@@ -150,6 +156,15 @@ def write_atomically(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def last_checkpoint(trainer: pl.Trainer) -> str | None:
+    """Path of the latest checkpoint written by the run (``StopOnSignal``'s or ``last.ckpt``), if any."""
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
+        if getattr(callback, "saved_path", None):
+            return callback.saved_path
+    callback = trainer.checkpoint_callback
+    return getattr(callback, "last_model_path", "") or None
 
 
 def best_checkpoint(trainer: pl.Trainer) -> str | None:

@@ -2,6 +2,7 @@
 
 from mma_lightning.models.lenet import LeNet5Madry
 from mma_lightning.models.preact_resnet import PreActResNet18
+from mma_lightning.models.pretrained import load_pretrained
 from mma_lightning.models.resnet import ResNet18
 from mma_lightning.models.standardize import Normalize, PerImageStandardization
 from mma_lightning.models.torchvision import torchvision_model
@@ -14,6 +15,7 @@ __all__ = [
     "PreActResNet18",
     "ResNet18",
     "WideResNet",
+    "load_pretrained",
     "torchvision_model",
     "wrn28_4",
 ]

@@ -10,6 +10,7 @@ CSV / TensorBoard logs.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -44,6 +45,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if ckpt_path is not None and not Path(ckpt_path).expanduser().is_file():
         raise FileNotFoundError(f"ckpt_path={str(ckpt_path)!r}: no such checkpoint file to resume from "
                                 "(e.g. <run>/checkpoints/last.ckpt)")
+    check_preset_norm(cfg)
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
     datamodule: pl.LightningDataModule = instantiate(cfg.data)
@@ -63,6 +65,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
 
     metrics: dict[str, float] = {}
+    summary = None
     if cfg.get("train", True):
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -72,15 +75,74 @@ def train(cfg: DictConfig) -> dict[str, float]:
                         f"ckpt_path={last_checkpoint(trainer) or '<run>/checkpoints/last.ckpt'}")
             return floats(trainer.callback_metrics)
         metrics.update(floats(trainer.callback_metrics))
+        summary = run_summary(Path(cfg.paths.output_dir), trainer)  # before test() restores callback states
     if cfg.get("test", False):
         # The best checkpoint of this fit; with train=false, the checkpoint given as ckpt_path.
         weights = best_checkpoint(trainer) if cfg.get("train", True) else ckpt_path
         if weights is None:
             log.warning("no best checkpoint (no validation ran, or no checkpoint callback): testing the "
                         "current weights")
+        if cfg.get("train", True):
+            limit_test_to_training(cfg.get("test_budget", "auto"), trainer, datamodule)
         trainer.test(module, datamodule=datamodule, ckpt_path=weights)
         metrics.update(floats(trainer.callback_metrics))
+    if trainer.is_global_zero and summary is not None:
+        log.info(summary)
     return metrics
+
+
+TEST_BUDGETS = ("auto", None)
+
+
+def check_preset_norm(cfg: DictConfig) -> None:
+    """A preset whose eps values are radii of one threat model (its ``preset_norm``, e.g. the paper's
+    ``mnist_linf_mma045``) refuses another ``norm=``, which would mix its radii with the other norm's
+    defaults (``attack/<data>_<norm>.yaml``). Presets without ``preset_norm`` compose with any norm."""
+    preset_norm, norm = cfg.get("preset_norm"), cfg.norm.name
+    if preset_norm is None or preset_norm == norm:
+        return
+    choices = _choices()
+    experiment, data = choices.get("experiment", "<this preset>"), choices.get("data", "<data>")
+    raise ValueError(f"experiment={experiment} is a {preset_norm} preset (its eps values are {preset_norm} "
+                     f"radii) and cannot run with norm={norm}: choose a {norm} preset "
+                     f"(experiment={data}_{norm}_...), or drop norm={norm}")
+
+
+def limit_test_to_training(budget: str | None, trainer: pl.Trainer, datamodule: Any) -> None:
+    """``test_budget=auto`` on a CPU: test at most as many images as training saw (``global_step`` x the
+    global batch size), so a short run does not spend many times its training time in the test pass (each
+    test image costs a PGD attack and a margin search, about a training sample's cost). Only when
+    ``trainer.limit_test_batches`` is left at 1.0; ``test_budget=null`` always tests the whole split."""
+    if budget not in TEST_BUDGETS:
+        raise ValueError(f"test_budget must be one of {list(TEST_BUDGETS)} (null: the whole test split), "
+                         f"got {budget!r}")
+    batch_size = getattr(datamodule, "batch_size", None)
+    eval_batch_size = getattr(datamodule, "eval_batch_size", None)
+    test_set = getattr(datamodule, "test_set", None)
+    if (budget is None or trainer.limit_test_batches != 1.0 or batch_size is None or eval_batch_size is None
+            or test_set is None
+            or not isinstance(trainer.accelerator, lightning_types("accelerators.CPUAccelerator"))):
+        return
+    seen = max(1, trainer.global_step) * batch_size
+    if seen >= len(test_set):
+        return
+    batches = math.ceil(seen / eval_batch_size)
+    trainer.limit_test_batches = batches
+    log.warning(f"test_budget=auto: testing on the first ~{min(batches * eval_batch_size, len(test_set))} of "
+                f"{len(test_set)} test images, as many as training saw ({trainer.global_step} steps x batch "
+                f"{batch_size}) on this CPU; test_budget=null tests all of them")
+
+
+def run_summary(run_dir: Path, trainer: pl.Trainer) -> str:
+    """What a run leaves behind: its directory, best and last checkpoint, and how to evaluate it."""
+    best, last = best_checkpoint(trainer), last_checkpoint(trainer)
+    target = best or last
+    lines = [f"run directory:   {run_dir}  (config.yaml, logs)",
+             f"best checkpoint: {best or '-'}", f"last checkpoint: {last or '-'}"]
+    if target is not None:
+        lines += [f"evaluate it:     mma-eval ckpt_path={target}",
+                  f"  quick check:   mma-eval ckpt_path={target} evaluation=fast"]
+    return "run finished\n" + "\n".join(lines)
 
 
 def instantiate_dict(node: DictConfig | None, name: str) -> list[Any]:

@@ -66,8 +66,8 @@ class PassCounter:
 
     def __init__(self, net: nn.Module) -> None:
         self.fwd_grad = self.fwd_nograd = self.bwd = 0
-        net.register_forward_hook(self._on_forward)
-        net.register_full_backward_hook(self._on_backward)
+        self._handles = [net.register_forward_hook(self._on_forward),
+                         net.register_full_backward_hook(self._on_backward)]
 
     def _on_forward(self, *_: object) -> None:
         if torch.is_grad_enabled():
@@ -80,6 +80,11 @@ class PassCounter:
 
     def reset(self) -> None:
         self.fwd_grad = self.fwd_nograd = self.bwd = 0
+
+    def remove(self) -> None:
+        """Take the hooks off the module (they cost time in a timed step)."""
+        for handle in self._handles:
+            handle.remove()
 
 
 def make_step(module: AdversarialModule, x: Tensor, y: Tensor, index: Tensor) -> Callable[[], None]:

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if ckpt_path is not None and not Path(ckpt_path).expanduser().is_file():
         raise FileNotFoundError(f"ckpt_path={str(ckpt_path)!r}: no such checkpoint file to resume from "
                                 "(e.g. <run>/checkpoints/last.ckpt)")
+    check_run_config(cfg)
     check_preset_norm(cfg)
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
@@ -143,6 +145,33 @@ def run_summary(run_dir: Path, trainer: pl.Trainer) -> str:
         lines += [f"evaluate it:     mma-eval ckpt_path={target}",
                   f"  quick check:   mma-eval ckpt_path={target} evaluation=fast"]
     return "run finished\n" + "\n".join(lines)
+
+
+# Trainer settings mma-train's presets set, with the integers Lightning would only reject mid-setup.
+TRAINER_INTS = {"max_steps": -1, "max_epochs": -1, "log_every_n_steps": 1, "accumulate_grad_batches": 1,
+                "num_sanity_val_steps": -1, "check_val_every_n_epoch": 1}
+
+
+def check_run_config(cfg: DictConfig) -> None:
+    """Refuse, naming the key, values of the run's own keys that would fail late or be misread: ``seed``
+    (int or null), ``train`` / ``test`` (booleans), ``ckpt_path`` (a whole checkpoint file), and the
+    ``trainer`` integers of :data:`TRAINER_INTS`."""
+    seed = cfg.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed must be an integer or null, got {seed!r}")
+    for key in ("train", "test"):
+        if not isinstance(cfg.get(key, True), bool):
+            raise ValueError(f"{key} must be true or false, got {cfg.get(key)!r}")
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is not None and not zipfile.is_zipfile(Path(ckpt_path).expanduser()):
+        raise ValueError(f"ckpt_path={str(ckpt_path)!r} is not a whole checkpoint (torch.save's zip format); "
+                         "a truncated or foreign file? resume from <run>/checkpoints/last.ckpt")
+    trainer = cfg.get("trainer") or {}
+    for key, minimum in TRAINER_INTS.items():
+        value = trainer.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+            raise ValueError(f"trainer.{key} must be an integer >= {minimum}"
+                             f"{' (-1: no limit)' if minimum == -1 else ''}, got {value!r}")
 
 
 def instantiate_dict(node: DictConfig | None, name: str) -> list[Any]:

@@ -175,30 +175,35 @@ def test_resume_continues_step_count_optimiser_schedule_and_eps_table(trained_ru
 def test_eval_tests_a_checkpoint_with_its_run_config_and_writes_the_report(trained_run: Path, tmp_path: Path):
     best = next((trained_run / "checkpoints").glob("best-*.ckpt"))
     out = tmp_path / "eval"
-    run_cli("mma-eval", f"ckpt_path={best}", f"hydra.run.dir={out}", *EVAL_FAST, cwd=tmp_path)
+    proc = run_cli("mma-eval", f"ckpt_path={best}", f"hydra.run.dir={out}", *EVAL_FAST, "test_step=true",
+                   cwd=tmp_path)
     report = json.loads((out / "metrics.json").read_text())
     (tested,) = report["checkpoints"]
     assert tested["ckpt_path"] == str(best) and tested["attack"]["eval_eps"] == pytest.approx(0.1)
     metrics = tested["metrics"]
     assert set(metrics) == {"test/acc", "test/robust_acc", "test/avg_eps", "test/loss"}
     assert 0 <= metrics["test/robust_acc"] <= metrics["test/acc"] <= 1
-    # Training tested the same checkpoint on the same 100 test images: the clean accuracy must match.
-    (_, trained_acc), = column(read_csv(trained_run / "csv" / "metrics.csv"), "test/acc")
-    assert metrics["test/acc"] == pytest.approx(trained_acc)
 
     # The robustness report: the paper's (Fashion-)MNIST Linf grid, chosen from the run's data and norm.
     (model,) = json.loads((out / "results.json").read_text())["models"]
-    assert model["name"] == "quickstart/mma"
+    assert model["name"] == "quickstart/mma" and model["protocol"] == "fast"
     pgd = model["pgd"]
+    # test_step ran on the robustness evaluation's 50 points: one clean accuracy per report.
+    assert tested["num_samples"] == 50 and tested["samples_sha256"] == model["data"]["samples_sha256"]
+    assert metrics["test/acc"] == pytest.approx(pgd["clean_accuracy"])
     assert pgd["norm"] == "linf" and pgd["eps"] == pytest.approx([0.1, 0.2, 0.3, 0.4])
     assert len(pgd["robust_accuracy"]) == 4 and all(0 <= a <= 1 for a in pgd["robust_accuracy"])
-    assert pgd["settings"]["nb_iter"] == 2 and pgd["settings"]["step_fraction"] == pytest.approx(1 / 40)
+    # 2 steps of the MNIST Linf protocol's eps/40 could not leave the ball's centre: the step fits 2 steps.
+    assert pgd["settings"]["nb_iter"] == 2 and pgd["settings"]["step_fraction"] == pytest.approx(2.5 / 2)
+    assert pgd["settings"]["protocol_step_fraction"] == pytest.approx(1 / 40)
+    last = [line for line in proc.stdout.splitlines() if line.strip()][-1]  # the log's last line: the verdict
+    assert "sanity checks passed" in last or "FLAGGED by the sanity checks" in last, last
     assert model["model"]["ckpt_path"] == str(best.resolve()) and len(model["model"]["state_sha256"]) == 64
     assert model["data"]["split"] == "test" and model["data"]["num_samples"] == 50
     assert model["margins"] is not None and model["sanity"] is not None
     table = (out / "results.md").read_text()
     assert "| model | Clean | AvgAcc | AvgRobAcc | 0.1 | 0.2 | 0.3 | 0.4 | sanity |" in table
-    assert "| quickstart/mma |" in table
+    assert "| quickstart/mma |" in table and "protocol **fast**" in table
     for png in ("robust_accuracy.png", "margins.png"):
         data = (out / png).read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000
@@ -220,6 +225,19 @@ def test_eval_compares_several_checkpoints_in_one_table(trained_run: Path, tmp_p
     assert all(f"| {name} |" in table for name in names)
     assert (out / "robust_accuracy.png").read_bytes().startswith(b"\x89PNG")
     assert not (out / "margins.png").exists() and not (out / "metrics.json").exists()
+
+
+def test_eval_started_again_reuses_the_finished_checkpoints(trained_run: Path, tmp_path: Path):
+    last = trained_run / "checkpoints" / "last.ckpt"
+    cache = tmp_path / "cache"
+    args = [f"ckpt_path={last}", *EVAL_FAST, f"cache_dir={cache}", "evaluation.margins=false"]
+    run_cli("mma-eval", *args, f"hydra.run.dir={tmp_path / 'first'}", cwd=tmp_path)
+    assert len(list(cache.glob("evaluation-*.pt"))) == 1 and list(cache.glob("pgd-*.pt"))
+    proc = run_cli("mma-eval", *args, f"hydra.run.dir={tmp_path / 'again'}", cwd=tmp_path)
+    assert "finished before with the same model, data and settings: reusing" in proc.stdout + proc.stderr
+    first, again = (json.loads((tmp_path / d / "results.json").read_text())["models"][0]
+                    for d in ("first", "again"))
+    assert first["pgd"] == again["pgd"] and first["model"]["state_sha256"] == again["model"]["state_sha256"]
 
 
 def test_eval_refuses_checkpoints_of_different_norms(trained_run: Path, tmp_path: Path):
@@ -286,8 +304,20 @@ def test_ddp_cpu_two_processes_one_run_dir_one_eps_table(tmp_path: Path):
      "evaluation.eps_grid must hold finite eps > 0"),
     ("mma-eval", ["ckpt_path={ckpt}", "evaluation.eps_grid=svhn-linf"],
      "evaluation.eps_grid must be one of ['cifar10-l2', 'cifar10-linf', 'mnist-l2', 'mnist-linf']"),
+    ("mma-eval", ["ckpt_path={tmp}/x.ckpt", "evaluation.nb_iter=0"],
+     "evaluation.nb_iter must be an integer >= 1"),
+    ("mma-eval", ["ckpt_path={tmp}/x.ckpt", "evaluation.search=golden"],
+     "evaluation.search must be one of ['bisection', 'refined'], got 'golden'"),
+    ("mma-eval", ["ckpt_path={tmp}/x.ckpt", "+evaluation.nb_iters=5"],
+     "evaluation.nb_iters is not a setting of evaluate_model; the settings are ['name', 'nb_iter'"),
+    ("mma-eval", ["ckpt_path={tmp}/x.ckpt", "evaluation.step_fraction=big"],
+     "evaluation.step_fraction must be a float > 0"),
+    ("mma-eval", ["ckpt_path={tmp}/x.ckpt", "device=tpu"],
+     "device must be null (cuda when available, else cpu)"),
+    ("mma-eval", ["ckpt_path={tmp}/x.ckpt", "test_step=maybe"], "test_step must be true, false or null"),
 ], ids=["norm", "missing-data", "batch-vs-devices", "resume-missing", "multirun-ddp", "eval-missing",
-        "eval-no-ckpt", "eval-bad-grid", "eval-unknown-grid"])
+        "eval-no-ckpt", "eval-bad-grid", "eval-unknown-grid", "eval-nb-iter", "eval-search",
+        "eval-unknown-key", "eval-step-fraction", "eval-device", "eval-test-step"])
 def test_bad_input_fails_with_the_library_message(command: str, overrides: list[str], message: str,
                                                   tmp_path: Path, request: pytest.FixtureRequest):
     ckpt = ""

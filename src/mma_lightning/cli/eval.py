@@ -5,15 +5,19 @@ Each run's data, model and method are rebuilt from the resolved config ``mma-tra
 directory (``<run>/config.yaml``, found from the checkpoint), with the changes given as ``+data.<key>=...`` /
 ``+method.<key>=...``, and the checkpoint's weights are loaded. Per checkpoint, on one device:
 
-- optionally (``test_step``) the method's own ``test_step`` through ``trainer.test``: clean accuracy, PGD
-  robust accuracy at ``eval_eps`` and the average margin, the numbers ``mma-train`` logs (``metrics.json``);
+- optionally (``test_step``; default: on with the paper's protocol, off with ``evaluation=fast``) the
+  method's own ``test_step`` through ``trainer.test`` on the same test points as the robustness evaluation:
+  clean accuracy, PGD robust accuracy at ``eval_eps`` and the average margin, the numbers ``mma-train`` logs
+  (``metrics.json``);
 - the robustness evaluation built from the ``evaluation`` group
   (:func:`mma_lightning.evaluation.evaluate_model`, by default the MMA paper's protocol, Ding et al.,
   ICLR 2020) over an eps grid chosen by the run's dataset and norm unless given.
 
 All evaluations go into one report (:func:`mma_lightning.evaluation.write_report`): ``results.json``,
 ``results.md`` (one comparison table), ``robust_accuracy.png`` (one curve per checkpoint) and ``margins.png``.
-Every input is checked before the first evaluation, and every file is written atomically after the last one.
+Every input (each config key) is checked before the first evaluation, and every file is written atomically
+after the last one; the command's last line is the sanity checks' verdict. Finished batches and checkpoints
+are kept in ``cache_dir``, so a run stopped half-way and started again does not redo them.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+from torch.utils.data import DataLoader, Subset
 
 import hydra
 import pytorch_lightning as pl
@@ -41,7 +47,9 @@ from mma_lightning.evaluation import (
     eps_grid,
     write_report,
 )
-from mma_lightning.evaluation.protocol import check_eps_grid
+from mma_lightning.evaluation.evaluate import check_evaluation_settings
+from mma_lightning.evaluation.protocol import check_eps_grid, grid_name
+from mma_lightning.evaluation.report import verdict_line
 from mma_lightning.evaluation.robustness import check_norm
 
 log = logging.getLogger(__name__)
@@ -62,37 +70,84 @@ class Checkpoint:
     run_cfg: DictConfig
     norm: str
     eps_grid: tuple[float, ...]
-    step_fraction: float
+    step_fraction: float | None
+    protocol_step_fraction: float
 
 
 def evaluate(cfg: DictConfig) -> list[ModelEvaluation]:
     """Evaluate the checkpoints of ``cfg`` (``ckpt_path`` or ``ckpt_paths``) and write the report into the
     eval run directory; returns the evaluations in the order of the checkpoints."""
+    device, run_test_step = check_command_settings(cfg)
     checkpoints = plan_checkpoints(cfg)
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
     evaluator: Callable[..., ModelEvaluation] = instantiate(cfg.evaluation)
     trainer: pl.Trainer | None = None
-    if cfg.get("test_step", True):
-        trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
+    if run_test_step:
+        # The test points are the robustness evaluation's (evaluation.max_samples), not the trainer's limit.
+        trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False,
+                              limit_test_batches=1.0)
         if trainer.world_size != 1:
             raise ValueError(f"mma-eval runs on one device: trainer.devices must be 1 (got a world size of "
                              f"{trainer.world_size})")
-    device = torch.device(cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cache_dir = cfg.get("cache_dir")
     evaluations, tested = [], []
     for ckpt in checkpoints:
-        evaluation, metrics = evaluate_checkpoint(ckpt, evaluator, trainer, device)
+        evaluation, metrics = evaluate_checkpoint(ckpt, evaluator, trainer, device,
+                                                  max_samples=cfg.evaluation.get("max_samples"),
+                                                  cache_dir=cache_dir)
         evaluations.append(evaluation)
         if metrics is not None:
             settings = {key: ckpt.run_cfg.method.get(key) for key in EVAL_KEYS}
             tested.append({"name": ckpt.name, "ckpt_path": str(ckpt.path), "attack": settings,
-                           "metrics": metrics})
+                           "num_samples": evaluation.pgd.num_samples,
+                           "samples_sha256": evaluation.data_info.get("samples_sha256"), "metrics": metrics})
     out_dir = Path(cfg.paths.output_dir)
     paths = write_report(evaluations, out_dir, title=cfg.get("title") or "Robustness evaluation")
     if tested:
         write_test_metrics(out_dir / REPORT_FILE, tested)
     log.info("report written to %s and %s", paths.results_json, paths.table_markdown)
+    verdict = verdict_line(evaluations)
+    if any(e.flagged for e in evaluations):
+        log.warning("%s", verdict)
+    else:
+        log.info("%s", verdict)
     return evaluations
+
+
+COMMAND_KEYS = ("seed", "device", "test_step", "title", "names", "cache_dir", "run_config")
+
+
+def check_command_settings(cfg: DictConfig) -> tuple[torch.device, bool]:
+    """Check every setting of the command before any work, each error naming its key and the allowed
+    values: the ``evaluation`` node (:func:`check_evaluation_settings`, keys as ``evaluation.<key>``), the
+    device, ``test_step``, ``seed``. Returns the device and whether to run the methods' ``test_step``."""
+    settings = {str(k): v for k, v in OmegaConf.to_container(cfg.evaluation, resolve=True).items()
+                if not str(k).startswith("_")}
+    try:
+        check_evaluation_settings({k: v for k, v in settings.items() if k != "eps_grid"})
+    except ValueError as err:
+        raise ValueError(f"evaluation.{err}") from None
+    seed = cfg.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed must be an integer or null, got {seed!r}")
+    test_step = cfg.get("test_step")
+    if test_step is not None and not isinstance(test_step, bool):
+        raise ValueError(f"test_step must be true, false or null (on unless evaluation=fast), got "
+                         f"{test_step!r}")
+    if test_step is None:
+        test_step = settings.get("protocol") != "fast"
+    name = cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(str(name))
+    except RuntimeError:
+        raise ValueError(f"device must be null (cuda when available, else cpu) or a torch device such as "
+                         f"cpu, cuda, cuda:1, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available here: use device=cpu or device=null")
+    if not isinstance(cfg.get("cache_dir"), (str, type(None))):
+        raise ValueError(f"cache_dir must be a folder or null (no cache), got {cfg.get('cache_dir')!r}")
+    return device, bool(test_step)
 
 
 def plan_checkpoints(cfg: DictConfig) -> list[Checkpoint]:
@@ -190,10 +245,12 @@ def checkpoint_names(names: Sequence[str] | None, paths: Sequence[Path],
     return labels
 
 
-def run_protocol(run_cfg: DictConfig, evaluation: DictConfig) -> tuple[str, tuple[float, ...], float]:
-    """``(norm, eps grid, step fraction)`` of a run: the run's norm; ``evaluation.eps_grid`` (a list or a
-    preset name) or the paper's grid for the run's dataset and norm; ``evaluation.step_fraction`` or the
-    release script's (``eps / 40`` for MNIST-like Linf, ``eps / 4`` otherwise)."""
+def run_protocol(run_cfg: DictConfig,
+                 evaluation: DictConfig) -> tuple[str, tuple[float, ...], float | None, float]:
+    """``(norm, eps grid, step fraction, protocol step fraction)`` of a run: the run's norm;
+    ``evaluation.eps_grid`` (a list or a preset name) or the paper's grid for the run's dataset and norm;
+    ``evaluation.step_fraction`` (``None``: fitted to ``evaluation.nb_iter``) and the release script's step
+    fraction for the data (``eps / 40`` for MNIST-like Linf, ``eps / 4`` otherwise)."""
     norm = check_norm(run_cfg.method.get("norm"))
     data = str(run_cfg.data.get("_target_", "?")).rsplit(".", 1)[-1]
     family = GRID_FAMILIES.get(data)
@@ -205,17 +262,22 @@ def run_protocol(run_cfg: DictConfig, evaluation: DictConfig) -> tuple[str, tupl
                              f"{sorted(EPS_GRIDS)} or a list of eps, e.g. evaluation.eps_grid=[0.01,0.02]")
         grid = f"{family}-{norm}"
     if isinstance(grid, str):
-        if grid not in EPS_GRIDS:
+        try:
+            grid = eps_grid(grid_name(grid))
+        except ValueError:
             raise ValueError(f"evaluation.eps_grid must be one of {sorted(EPS_GRIDS)}, a list of eps > 0 or "
-                             f"null, got {grid!r}")
-        grid = eps_grid(grid)
-    grid = check_eps_grid(list(grid) if isinstance(grid, ListConfig) else grid, name="evaluation.eps_grid")
+                             f"null, got {grid!r}") from None
+    if not isinstance(grid, (list, tuple, ListConfig)):
+        raise ValueError(f"evaluation.eps_grid must be one of {sorted(EPS_GRIDS)}, a list of eps > 0 or "
+                         f"null, got {grid!r}")
+    grid = check_eps_grid(list(grid), name="evaluation.eps_grid")
     fraction = evaluation.get("step_fraction")
-    if fraction is None:
-        fraction = MNIST_LINF_STEP_FRACTION if (family, norm) == ("mnist", "linf") else DEFAULT_STEP_FRACTION
-    if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not fraction > 0:
-        raise ValueError(f"evaluation.step_fraction must be a number > 0 or null, got {fraction!r}")
-    return norm, grid, float(fraction)
+    if fraction is not None and (not isinstance(fraction, (int, float)) or isinstance(fraction, bool)
+                                 or not fraction > 0):
+        raise ValueError(f"evaluation.step_fraction must be a number > 0 or null (fitted to nb_iter), got "
+                         f"{fraction!r}")
+    protocol = MNIST_LINF_STEP_FRACTION if (family, norm) == ("mnist", "linf") else DEFAULT_STEP_FRACTION
+    return norm, grid, None if fraction is None else float(fraction), protocol
 
 
 def check_comparable(checkpoints: Sequence[Checkpoint]) -> None:
@@ -230,17 +292,18 @@ def check_comparable(checkpoints: Sequence[Checkpoint]) -> None:
 
 
 def evaluate_checkpoint(ckpt: Checkpoint, evaluator: Callable[..., ModelEvaluation],
-                        trainer: pl.Trainer | None,
-                        device: torch.device) -> tuple[ModelEvaluation, dict[str, float] | None]:
+                        trainer: pl.Trainer | None, device: torch.device, *, max_samples: int | None = None,
+                        cache_dir: str | None = None) -> tuple[ModelEvaluation, dict[str, float] | None]:
     """Rebuild the run of ``ckpt``, load its weights, run the method's ``test_step`` (with a ``trainer``) and
-    the robustness evaluation on the test split."""
+    the robustness evaluation on the same test points (the first ``max_samples`` of the test split)."""
     datamodule, module = build_run(ckpt.run_cfg)
     saved = load_weights(module, ckpt.path)
-    metrics = run_test_split(trainer, module, datamodule) if trainer is not None else None
     datamodule.setup("test")
     loader = datamodule.test_dataloader()
     if not loader:
         raise ValueError(f"{ckpt.name}: the run's data has no test split to evaluate")
+    metrics = (run_test_split(trainer, module, first_points(loader, max_samples)) if trainer is not None
+               else None)
     net = getattr(module, "net", module).to(device).eval()
     hp = ckpt.run_cfg.method
     model_info = {"ckpt_path": str(ckpt.path.resolve()), "method": hp.get("_target_"),
@@ -249,9 +312,21 @@ def evaluate_checkpoint(ckpt: Checkpoint, evaluator: Callable[..., ModelEvaluati
                  "split": "test", "data_dir": ckpt.run_cfg.data.get("data_dir")}
     log.info("evaluating %s (%s) on %s", ckpt.name, ckpt.path, device)
     evaluation = evaluator(model=net, data=loader, norm=ckpt.norm, eps_grid=ckpt.eps_grid, name=ckpt.name,
-                           step_fraction=ckpt.step_fraction, clip_min=hp.get("clip_min", 0.0),
-                           clip_max=hp.get("clip_max", 1.0), model_info=model_info, data_info=data_info)
+                           step_fraction=ckpt.step_fraction,
+                           protocol_step_fraction=ckpt.protocol_step_fraction,
+                           clip_min=hp.get("clip_min", 0.0), clip_max=hp.get("clip_max", 1.0),
+                           model_info=model_info, data_info=data_info, cache_dir=cache_dir)
     return evaluation, metrics
+
+
+def first_points(loader: DataLoader, max_samples: int | None) -> DataLoader:
+    """``loader`` over only the first ``max_samples`` points of its dataset (``loader`` itself for all), in
+    the same order, batch size, workers and collate function: the robustness evaluation's points."""
+    if max_samples is None or max_samples >= len(loader.dataset):  # type: ignore[arg-type]
+        return loader
+    return DataLoader(Subset(loader.dataset, range(max_samples)), batch_size=loader.batch_size,
+                      num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+                      pin_memory=loader.pin_memory)
 
 
 def build_run(run_cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
@@ -270,10 +345,9 @@ def load_weights(module: pl.LightningModule, ckpt_path: Path) -> dict[str, Any]:
     return saved
 
 
-def run_test_split(trainer: pl.Trainer, module: pl.LightningModule,
-                   datamodule: pl.LightningDataModule) -> dict[str, float]:
-    """Run the method's ``test_step`` on the test split with the loaded weights: the ``test/...`` metrics."""
-    trainer.test(module, datamodule=datamodule)
+def run_test_split(trainer: pl.Trainer, module: pl.LightningModule, loader: DataLoader) -> dict[str, float]:
+    """Run the method's ``test_step`` over ``loader`` with the loaded weights: the ``test/...`` metrics."""
+    trainer.test(module, dataloaders=loader)
     return floats(trainer.callback_metrics)
 
 

@@ -230,14 +230,20 @@ def test_eval_compares_several_checkpoints_in_one_table(trained_run: Path, tmp_p
 def test_eval_started_again_reuses_the_finished_checkpoints(trained_run: Path, tmp_path: Path):
     last = trained_run / "checkpoints" / "last.ckpt"
     cache = tmp_path / "cache"
-    args = [f"ckpt_path={last}", *EVAL_FAST, f"cache_dir={cache}", "evaluation.margins=false"]
+    args = [f"ckpt_path={last}", *EVAL_FAST, f"cache_dir={cache}", "evaluation.margins=false",
+            "test_step=true"]
     run_cli("mma-eval", *args, f"hydra.run.dir={tmp_path / 'first'}", cwd=tmp_path)
     assert len(list(cache.glob("evaluation-*.pt"))) == 1 and list(cache.glob("pgd-*.pt"))
+    assert len(list(cache.glob("test_step-*.json"))) == 1
     proc = run_cli("mma-eval", *args, f"hydra.run.dir={tmp_path / 'again'}", cwd=tmp_path)
-    assert "finished before with the same model, data and settings: reusing" in proc.stdout + proc.stderr
+    log = proc.stdout + proc.stderr
+    assert "finished before with the same model, data and settings: reusing" in log
+    assert "test_step finished before with the same weights, points and settings: reusing" in log
     first, again = (json.loads((tmp_path / d / "results.json").read_text())["models"][0]
                     for d in ("first", "again"))
     assert first["pgd"] == again["pgd"] and first["model"]["state_sha256"] == again["model"]["state_sha256"]
+    assert (json.loads((tmp_path / "first" / "metrics.json").read_text())["checkpoints"][0]["metrics"]
+            == json.loads((tmp_path / "again" / "metrics.json").read_text())["checkpoints"][0]["metrics"])
 
 
 def test_eval_refuses_checkpoints_of_different_norms(trained_run: Path, tmp_path: Path):

@@ -47,7 +47,9 @@ from mma_lightning.evaluation import (
     eps_grid,
     write_report,
 )
+from mma_lightning.evaluation.cache import cache_key, data_fingerprint
 from mma_lightning.evaluation.evaluate import check_evaluation_settings
+from mma_lightning.evaluation.identity import model_identity
 from mma_lightning.evaluation.protocol import check_eps_grid, grid_name
 from mma_lightning.evaluation.report import verdict_line
 from mma_lightning.evaluation.robustness import check_norm
@@ -302,8 +304,9 @@ def evaluate_checkpoint(ckpt: Checkpoint, evaluator: Callable[..., ModelEvaluati
     loader = datamodule.test_dataloader()
     if not loader:
         raise ValueError(f"{ckpt.name}: the run's data has no test split to evaluate")
-    metrics = (run_test_split(trainer, module, first_points(loader, max_samples)) if trainer is not None
-               else None)
+    metrics = None
+    if trainer is not None:
+        metrics = cached_test_split(trainer, module, first_points(loader, max_samples), ckpt, cache_dir)
     net = getattr(module, "net", module).to(device).eval()
     hp = ckpt.run_cfg.method
     model_info = {"ckpt_path": str(ckpt.path.resolve()), "method": hp.get("_target_"),
@@ -343,6 +346,28 @@ def load_weights(module: pl.LightningModule, ckpt_path: Path) -> dict[str, Any]:
         raise ValueError(f"{ckpt_path} is not a Lightning checkpoint (no state_dict)")
     module.load_state_dict(saved["state_dict"])
     return saved
+
+
+def cached_test_split(trainer: pl.Trainer, module: pl.LightningModule, loader: DataLoader, ckpt: Checkpoint,
+                      cache_dir: str | None) -> dict[str, float]:
+    """:func:`run_test_split`, or its metrics from ``cache_dir`` when a previous run tested the same weights
+    on the same points with the same settings (keyed by their fingerprints, written atomically)."""
+    if cache_dir is None:
+        return run_test_split(trainer, module, loader)
+    fingerprint = data_fingerprint(loader, torch.device("cpu"), batch_size=loader.batch_size or 256,
+                                   max_samples=None)
+    settings = OmegaConf.to_container(ckpt.run_cfg.method, resolve=True)
+    key = cache_key(stage="test_step", model=model_identity(module)["state_sha256"], data=fingerprint,
+                    method=settings)
+    path = Path(cache_dir) / f"test_step-{key[:32]}.json"
+    if path.is_file():
+        log.info("%s: test_step finished before with the same weights, points and settings: reusing %s",
+                 ckpt.name, path)
+        return json.loads(path.read_text())
+    metrics = run_test_split(trainer, module, loader)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, json.dumps(metrics))
+    return metrics
 
 
 def run_test_split(trainer: pl.Trainer, module: pl.LightningModule, loader: DataLoader) -> dict[str, float]:

@@ -127,6 +127,12 @@ class AdversarialModuleLogic:
             raise ValueError(f"compile must be a bool or a dict of torch.compile arguments, got {compile!r}")
         # Factories are kept as attributes: hparams must stay picklable (a lambda would be dropped from them).
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
+        # LightningCLI hands save_hyperparameters the parsed arguments only, without the defaults of the
+        # ``**kwargs: Unpack[SkeletonKwargs]`` keys left unset: complete them from this call's values.
+        arguments = locals()
+        for key in SkeletonKwargs.__annotations__:
+            if key not in ("optimizer", "scheduler") and key not in self.hparams:
+                self.hparams[key] = arguments[key]
         if channels_last:
             net = net.to(memory_format=torch.channels_last)
         if compile is not False:

@@ -11,15 +11,16 @@ place, so a kill at any moment leaves the previous complete file.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from mma_lightning.evaluation.atomic import write_atomically
 from mma_lightning.evaluation.batches import EvalData, evaluation_batches
 from mma_lightning.evaluation.identity import data_identity, tensor_sha256
 from mma_lightning.evaluation.sharding import distributed_world
@@ -28,18 +29,11 @@ CACHE_FORMAT = 1
 
 
 def save_atomically(obj: Any, path: Path) -> None:
-    """``torch.save(obj)`` to a temporary file beside ``path``, then rename it into place."""
+    """``torch.save(obj)`` into ``path`` through :func:`write_atomically` (never a truncated file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_atomically(path, buffer.getvalue())
 
 
 def cache_key(**parts: Any) -> str:

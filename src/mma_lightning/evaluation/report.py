@@ -18,7 +18,6 @@ import io
 import json
 import os
 import platform
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any, Sequence
 import torch
 from matplotlib.figure import Figure
 
+from mma_lightning.evaluation.atomic import write_atomically
 from mma_lightning.evaluation.evaluate import ModelEvaluation
 from mma_lightning.evaluation.plots import margin_histogram_figure, robust_accuracy_figure
 from mma_lightning.evaluation.protocol import LOSSES, PGD_STEPS, RESTARTS_PER_LOSS, format_eps
@@ -211,21 +211,6 @@ def markdown_report(evaluations: Sequence[ModelEvaluation], title: str = "Robust
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _png_bytes(fig: Figure) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
@@ -264,9 +249,9 @@ def write_report(evaluations: Sequence[ModelEvaluation] | ModelEvaluation, out_d
         margins_png = _png_bytes(margin_histogram_figure(with_margins, thresholds, subtitle=subtitle))
     document = json.dumps(results_document(evaluations), indent=2, allow_nan=False).encode()
 
-    _write_atomic(paths.results_json, document)
-    _write_atomic(paths.table_markdown, markdown_report(evaluations, title).encode())
-    _write_atomic(paths.robust_accuracy_png, curve_png)
+    write_atomically(paths.results_json, document)
+    write_atomically(paths.table_markdown, markdown_report(evaluations, title).encode())
+    write_atomically(paths.robust_accuracy_png, curve_png)
     if paths.margins_png is not None and margins_png is not None:
-        _write_atomic(paths.margins_png, margins_png)
+        write_atomically(paths.margins_png, margins_png)
     return paths

@@ -73,11 +73,10 @@ def test_atomic_checkpoint_io_keeps_the_old_file_when_a_write_fails(tmp_path: Pa
     io = AtomicCheckpointIO()
     io.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
 
-    def torn_save(obj, f) -> None:  # writes half a file, then the process "dies"
-        f.write(b"PK\x03\x04 half a checkpoint")
+    def dies(fd: int) -> None:  # the new bytes are written, the process "dies" before they are in place
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(torch, "save", torn_save)
+    monkeypatch.setattr(os, "fsync", dies)
     with pytest.raises(KeyboardInterrupt):
         io.save_checkpoint({"step": 2}, path)
     monkeypatch.undo()
@@ -94,7 +93,8 @@ def test_sigkill_during_checkpoint_writes_leaves_a_loadable_file(tmp_path: Path)
         from mma_lightning.cli.checkpoint import AtomicCheckpointIO
         io, step = AtomicCheckpointIO(), 0
         while True:
-            io.save_checkpoint({{"step": step, "w": torch.full((4_000_000,), float(step))}}, {str(tmp_path / "last.ckpt")!r})
+            state = {{"step": step, "w": torch.full((4_000_000,), float(step))}}
+            io.save_checkpoint(state, {str(tmp_path / "last.ckpt")!r})
             step += 1
     """)
     proc = subprocess.Popen([sys.executable, "-c", script])

@@ -13,8 +13,8 @@ value.
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,8 @@ import torch
 from lightning_fabric.plugins import TorchCheckpointIO
 from lightning_fabric.utilities.types import _PATH
 from pytorch_lightning.callbacks import ModelCheckpoint
+
+from mma_lightning.evaluation.atomic import write_atomically
 
 
 class BestAndLastCheckpointLogic:
@@ -73,7 +75,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
-        """``torch.save`` to ``<dir>/.<name>.<random>.tmp``, ``fsync``, ``os.replace`` onto ``path``."""
+        """``torch.save`` to memory, then :func:`~mma_lightning.evaluation.atomic.write_atomically` (a temporary
+        file beside ``path``, ``fsync``, ``os.replace``) and an ``fsync`` of the folder."""
         if "://" in str(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
@@ -82,16 +85,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                              f"got {storage_options!r}")
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        buffer = io.BytesIO()  # as Lightning's own writer and the evaluation cache do
+        torch.save(checkpoint, buffer)
+        write_atomically(target, buffer.getbuffer())
         _fsync_dir(target.parent)
 
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from mma_lightning.cli.errors import run_reporting_errors
+from mma_lightning.evaluation import atomic
 from mma_lightning.namespaces import lightning_types
 
 log = logging.getLogger(__name__)
@@ -238,15 +237,8 @@ def save_resolved_config(cfg: DictConfig, run_dir: Path) -> Path:
 
 
 def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``text`` (UTF-8) to ``path`` atomically (:func:`mma_lightning.evaluation.atomic.write_atomically`)."""
+    atomic.write_atomically(path, text.encode())
 
 
 def last_checkpoint(trainer: pl.Trainer) -> str | None:

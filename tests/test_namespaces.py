@@ -24,9 +24,11 @@ import mma_lightning.lightning as mml  # noqa: E402
 from mma_lightning.namespaces import lightning_types  # noqa: E402
 
 # (default package, lightning package) pairs whose __all__ must match name for name.
-MIRRORS = [("mma_lightning", "mma_lightning.lightning"), ("mma_lightning.methods", "mma_lightning.lightning.methods"),
+MIRRORS = [("mma_lightning", "mma_lightning.lightning"),
+           ("mma_lightning.methods", "mma_lightning.lightning.methods"),
            ("mma_lightning.data", "mma_lightning.lightning.data"),
            ("mma_lightning.evaluation", "mma_lightning.lightning.evaluation"),
+           ("mma_lightning.callbacks", "mma_lightning.lightning.callbacks"),
            ("mma_lightning.cli.checkpoint", "mma_lightning.lightning.checkpoint")]
 NAMESPACES = {"pytorch_lightning": (pl, mma_lightning), "lightning": (L, mml)}
 LIGHTNING_BASES = ("LightningModule", "LightningDataModule", "Callback")
@@ -38,8 +40,9 @@ def _is_lightning_class(obj: object, ns: ModuleType) -> bool:
 
 
 def _public_classes(module: ModuleType) -> dict[str, object]:
-    names = getattr(module, "__all__", None) or [n for n, o in vars(module).items()
-                                                if inspect.isclass(o) and o.__module__ == module.__name__]
+    """``__all__``, or for a module without one, its Lightning classes."""
+    names = getattr(module, "__all__", None) or [
+        n for n, o in vars(module).items() if _is_lightning_class(o, pl) and o.__module__ == module.__name__]
     return {n: getattr(module, n) for n in names}
 
 
@@ -62,7 +65,7 @@ def test_every_lightning_class_exists_in_both_namespaces_from_the_same_logic(def
         # Same code: each class adds nothing of its own to the shared logic class (its first base).
         logic = obj.__mro__[1]
         assert logic.__name__ == f"{name}Logic" and mirror.__mro__[1] is logic, name
-        own = {k for k in vars(obj) if not k.startswith("__")} | {k for k in vars(mirror) if not k.startswith("__")}
+        own = {k for cls in (obj, mirror) for k in vars(cls) if not k.startswith("__")}
         assert not own, f"{name} defines {own} outside its logic class"
     assert namespaced > 0
 
@@ -90,7 +93,8 @@ def blobs(n: int = 48, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Three separable classes of 4x4 images in [0, 1]."""
     g = torch.Generator().manual_seed(seed)
     y = torch.arange(n) % 3
-    x = (0.5 + 0.3 * (y.view(-1, 1, 1, 1).float() - 1) + 0.1 * torch.randn(n, 1, 4, 4, generator=g)).clamp(0, 1)
+    noise = 0.1 * torch.randn(n, 1, 4, 4, generator=g)
+    x = (0.5 + 0.3 * (y.view(-1, 1, 1, 1).float() - 1) + noise).clamp(0, 1)
     return x, y
 
 
@@ -111,8 +115,8 @@ def tiny_datamodule(package: ModuleType):
 
 
 def trainer(ns: ModuleType, tmp_path: Path, **kwargs):
-    args = dict(accelerator="cpu", devices=1, max_epochs=2, default_root_dir=tmp_path, enable_progress_bar=False,
-                enable_model_summary=False, inference_mode=False)
+    args = dict(accelerator="cpu", devices=1, max_epochs=2, default_root_dir=tmp_path,
+                enable_progress_bar=False, enable_model_summary=False, inference_mode=False)
     args.update(kwargs)
     return ns.Trainer(**args)
 
@@ -122,8 +126,8 @@ def test_fit_validate_test_and_reload_with_each_namespace(namespace: str, tmp_pa
     ns, package = NAMESPACES[namespace]
     torch.manual_seed(0)
     module, dm = tiny_mma(package), tiny_datamodule(package)
-    robustness = package.evaluation.RobustnessCallback([0.05, 0.1], max_samples=8, nb_iter=2, margin_nb_iter=2,
-                                                       margin_search_steps=2, batch_size=8)
+    robustness = package.evaluation.RobustnessCallback([0.05, 0.1], max_samples=8, nb_iter=2,
+                                                       margin_nb_iter=2, margin_search_steps=2, batch_size=8)
     ckpt = ns.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/avg_eps", mode="max",
                                         save_last=True)
     board = ns.loggers.TensorBoardLogger(tmp_path, name="tb")
@@ -182,7 +186,8 @@ class _DumpEpsLogic:
         self.out = out
 
     def on_train_end(self, trainer, pl_module) -> None:
-        torch.save((trainer.global_step, pl_module.eps_store.eps.cpu()), self.out / f"rank{trainer.global_rank}.pt")
+        dump = (trainer.global_step, pl_module.eps_store.eps.cpu())
+        torch.save(dump, self.out / f"rank{trainer.global_rank}.pt")
 
 
 class DumpEpsPL(_DumpEpsLogic, pl.Callback):

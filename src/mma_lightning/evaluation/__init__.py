@@ -17,6 +17,7 @@ from mma_lightning.evaluation.callbacks import RobustnessCallback
 from mma_lightning.evaluation.collect import SampleCollector
 from mma_lightning.evaluation.evaluate import ModelEvaluation, evaluate_model
 from mma_lightning.evaluation.identity import data_identity, model_identity
+from mma_lightning.evaluation.margin_plots import MarginPlots
 from mma_lightning.evaluation.margins import (
     MarginEstimates,
     MarginSummary,
@@ -64,6 +65,7 @@ __all__ = [
     "MNIST_LINF_EPS",
     "MNIST_LINF_STEP_FRACTION",
     "MarginEstimates",
+    "MarginPlots",
     "MarginSummary",
     "ModelEvaluation",
     "PGD_STEPS",

@@ -206,15 +206,16 @@ class AdversarialModuleLogic:
         """Restart the test attacks' random stream, as for validation."""
         self.random_streams.restart_eval()
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        """Clean accuracy, PGD robust accuracy at ``eval_eps`` and the average margin estimate."""
-        self._eval_step(batch, "val")
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Clean accuracy, PGD robust accuracy at ``eval_eps`` and the average margin estimate; returns the
+        per-sample margin estimates (Lightning hands them to callbacks' ``on_validation_batch_end``)."""
+        return self._eval_step(batch, "val")
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         """Same measures as validation, logged as ``test/...``."""
         self._eval_step(batch, "test")
 
-    def _eval_step(self, batch: Any, stage: str) -> None:
+    def _eval_step(self, batch: Any, stage: str) -> Tensor:
         x, y, _ = _unpack(batch)
         x = self.as_input(x)
         hp = self.hparams
@@ -234,6 +235,7 @@ class AdversarialModuleLogic:
         metrics["loss"].update(F.cross_entropy(logits.float(), y, reduction="none"))
         for name, metric in metrics.items():
             self.log(f"{stage}/{name}", metric, prog_bar=name != "loss")
+        return res.eps.detach()
 
     # --- host checks and memory format -------------------------------------------------------------------
     def host_checks_for(self, stage: str) -> AbstractContextManager[None]:

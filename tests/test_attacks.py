@@ -53,13 +53,15 @@ def test_find_margin_with_random_start_is_a_verified_upper_bound(norm: str) -> N
     assert ((res.eps - true) / true).max() < (0.01 if norm == "linf" else 0.08)
 
 
-def test_find_margin_in_box_contract_on_small_cnn() -> None:
+@pytest.mark.parametrize("search", ["bisection", "refined"])
+def test_find_margin_in_box_contract_on_small_cnn(search: str) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
     x = torch.rand(32, 1, 8, 8)
     y = torch.randint(0, 3, (32,))
     for norm in ("linf", "l2"):
-        res = find_margin(model, x, y, norm=norm, init_eps=0.05, max_eps=0.5 if norm == "linf" else 3.0)
+        res = find_margin(model, x, y, norm=norm, init_eps=0.05, max_eps=0.5 if norm == "linf" else 3.0,
+                          search=search)
         pred = model(res.x_adv).argmax(1)
         clean_wrong = model(x).argmax(1) != y
         assert (res.eps[clean_wrong] == 0).all() and res.success[clean_wrong].all()
@@ -72,14 +74,15 @@ def test_find_margin_in_box_contract_on_small_cnn() -> None:
         assert not res.x_adv.requires_grad and not res.eps.requires_grad
 
 
-def test_find_margin_reports_failure_at_max_eps() -> None:
+@pytest.mark.parametrize("search", ["bisection", "refined"])
+def test_find_margin_reports_failure_at_max_eps(search: str) -> None:
     model = nn.Linear(4, 2)
     with torch.no_grad():
         model.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [-1.0, 0, 0, 0]]))
         model.bias.copy_(torch.tensor([100.0, 0.0]))  # class 0 everywhere in the box
     x = torch.rand(8, 4)
     y = torch.zeros(8, dtype=torch.long)
-    res = find_margin(model, x, y, norm="linf", init_eps=0.1, max_eps=0.3)
+    res = find_margin(model, x, y, norm="linf", init_eps=0.1, max_eps=0.3, search=search)
     assert not res.success.any()
     assert torch.allclose(res.eps, torch.full((8,), 0.3))
 
@@ -102,7 +105,7 @@ class BNDropNet(nn.Module):
         return self.head(self.features(x))
 
 
-@pytest.mark.parametrize("attack", ["pgd", "find_margin"])
+@pytest.mark.parametrize("attack", ["pgd", "find_margin", "find_margin_refined"])
 def test_attacks_have_no_side_effects(attack: str) -> None:
     torch.manual_seed(0)
     model = BNDropNet()
@@ -120,7 +123,8 @@ def test_attacks_have_no_side_effects(attack: str) -> None:
     if attack == "pgd":
         pgd(model, x, y, norm="l2", eps=1.0, nb_iter=5, step_size=0.25)
     else:
-        find_margin(model, x, y, norm="linf", init_eps=0.1, max_eps=0.5, nb_iter=5)
+        find_margin(model, x, y, norm="linf", init_eps=0.1, max_eps=0.5, nb_iter=5,
+                    search="refined" if attack.endswith("refined") else "bisection")
     assert {n: m.training for n, m in model.named_modules()} == flags
     assert {n: p.requires_grad for n, p in model.named_parameters()} == req
     for n, p in model.named_parameters():
@@ -144,8 +148,9 @@ def test_attacks_work_under_inference_mode() -> None:
         x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 3, (8,))
         x_adv = pgd(model, x, y, eps=0.1, nb_iter=3)
         res = find_margin(model, x, y, init_eps=0.1, max_eps=0.5, nb_iter=3)
+        refined = find_margin(model, x, y, init_eps=0.1, max_eps=0.5, nb_iter=3, search="refined")
     assert (x_adv - x).abs().max() <= 0.1 + 1e-6
-    assert res.eps.shape == (8,)
+    assert res.eps.shape == (8,) and refined.eps.shape == (8,)
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
@@ -199,6 +204,10 @@ def test_l2_geometry() -> None:
         (dict(nb_iter=0), "nb_iter must be an integer >= 1"),
         (dict(search_steps=1.5), "search_steps must be an integer >= 1"),
         (dict(success="soft"), "success must be one of"),
+        (dict(search="fmn"), r"search must be one of \['bisection', 'refined'\]"),
+        (dict(search="refined", root_steps=0), "root_steps must be an integer >= 1"),
+        (dict(search="refined", refine_steps=-1), "refine_steps must be an integer >= 0"),
+        (dict(search="refined", search_train_mode=True), "search_train_mode=True .* needs search='bisection'"),
         (dict(clip_min=0.0, clip_max=None), "clip_min and clip_max"),
     ],
 )

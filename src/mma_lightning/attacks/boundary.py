@@ -64,7 +64,8 @@ def refine_on_boundary(
     x: Tensor,
     y: Tensor,
     norm: Norm,
-    x_adv: Tensor,
+    start: Tensor,
+    found: Tensor,
     active: Tensor,
     steps: int,
     margin_fn: LossFn,
@@ -73,18 +74,21 @@ def refine_on_boundary(
     clip_max: float | None,
     gradient_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
-    """``steps`` linearised boundary projections from the verified adversarial points ``x_adv`` (rows
-    ``active``; the other rows are carried along and returned unchanged).
+    """``steps`` linearised boundary projections from ``start`` (rows ``active``; the other rows are carried
+    along unchanged). ``start`` is a verified adversarial point where ``found``; elsewhere (the ray found
+    none) it is the search's last point, and the steps are DeepFool's, looking for a first adversarial point.
 
-    Returns ``(best, improved)``: per sample the point of smallest perturbation norm that a forward pass
-    verified adversarial (``x_adv`` itself where no candidate beat it), and whether a candidate did. Costs
-    ``steps`` forward/backward pairs and one verification forward, in eval mode.
+    Returns ``(best, found)``: per sample the point of smallest perturbation norm that a forward pass
+    verified adversarial (``start`` where ``found`` and no candidate beat it), and whether there is one.
+    Costs ``steps`` forward/backward pairs and one verification forward, in eval mode.
     """
     lower = None if clip_min is None else clip_min - x
     upper = None if clip_max is None else clip_max - x
-    best, best_norm = x_adv.clone(), norm.norm(x_adv - x)
-    improved = torch.zeros_like(active)
-    cand = x_adv.detach()
+    best = start.clone()
+    best_norm = torch.where(found, norm.norm(start - x), torch.full_like(found, float("inf"), dtype=x.dtype))
+    found = found.clone()
+    cand = start.detach()
+    reach = torch.ones_like(best_norm)  # trust region: the fraction of the way to the projection taken
     with model_mode(model, train=False):
         for k in range(steps + 1):
             if k == steps:
@@ -96,12 +100,13 @@ def refine_on_boundary(
                 h = margin_fn(logits, y)
                 (grad,) = torch.autograd.grad(h.sum() * gradient_scale, cand)
                 grad, h, cand = grad / gradient_scale, h.detach(), cand.detach()
-            # Keep the candidate if verified adversarial and smaller (the first is x_adv itself).
+            # Keep the candidate if verified adversarial and smaller (the first is the start itself).
             cand_norm = norm.norm(cand - x)
-            better = active & is_adv(logits.detach(), y) & (cand_norm < best_norm)
+            adv = is_adv(logits.detach(), y)
+            better = active & adv & (cand_norm < best_norm)
             best = torch.where(rows(better, x), cand, best)
             best_norm = torch.where(better, cand_norm, best_norm)
-            improved = improved | better
+            found = found | better
             if k == steps:
                 break
             # Linearised boundary h_k + <g, delta - delta_k> = 0, aimed a hair beyond: <g, delta> = target.
@@ -112,9 +117,14 @@ def refine_on_boundary(
             # Where the linearisation cannot be trusted (x already on its far side, or no gradient), shrink the
             # best point towards x instead, as FMN's radius decrease does.
             valid = (target > 0) & (flat_g.abs().sum(1) > 0)
-            shrunk = x + SHRINK * (best - x)
-            nxt = torch.where(rows(valid, x), x + step, shrunk)
+            shrunk = torch.where(rows(found, x), x + SHRINK * (best - x), cand)
+            # Trust region: from the best point, the fraction ``reach`` of the way to the projection; doubled
+            # after a verified candidate, halved after a failed one (where the margin curves away from its
+            # linearisation). Before any adversarial point is known: the projection itself (DeepFool).
+            reach = torch.where(adv, (2 * reach).clamp(max=1.0), reach / 2)
+            towards = torch.where(rows(found, x), best + rows(reach, x) * (x + step - best), x + step)
+            nxt = torch.where(rows(valid, x), towards, shrunk)
             if clip_min is not None:
                 nxt = nxt.clamp(clip_min, clip_max)
             cand = torch.where(rows(active, x), nxt, cand)
-    return best, improved
+    return best, found

@@ -25,7 +25,7 @@ AdvTest = Callable[[Tensor, Tensor], Tensor]
 
 ROOT_BIAS = 0.02
 """Fraction of the way from the regula-falsi root estimate to ``hi`` at which :func:`root_find_ray` tests."""
-EXTRAPOLATION_OVERSHOOT = 0.05
+EXTRAPOLATION_OVERSHOOT = 0.25
 """Relative overshoot of the secant extrapolation before any adversarial point is known."""
 
 
@@ -105,7 +105,8 @@ def root_find_ray(
 
     ``h(0)`` is ``clean_margin`` (known, no forward); the first trial is ``t = init`` (the PGD point).
     While no adversarial point is known: secant extrapolation through the two largest non-adversarial trials,
-    ``EXTRAPOLATION_OVERSHOOT`` past its root (``upper`` when the margin does not grow). Once a bracket
+    ``EXTRAPOLATION_OVERSHOOT`` past its root (``upper`` when the margin does not grow, and for the last trial
+    when still nothing is known, so that a ray the bisection would succeed on is not lost). Once a bracket
     ``lo`` (not adversarial) < ``hi`` (verified adversarial) exists: regula falsi, moved the fraction
     ``ROOT_BIAS`` of the way from its root estimate towards ``hi``, so that on a nearly linear margin every trial
     lands just past the root and ``hi`` closes in from above geometrically; the Illinois rule (halve ``h(hi)``
@@ -121,7 +122,7 @@ def root_find_ray(
     x_best = x.clone()
     cur = init.clone()
     with torch.no_grad(), model_mode(model, train=False):
-        for _ in range(steps):
+        for k in range(steps):
             x_cur = point_on_ray(x, direction, cur, clip_min, clip_max)
             logits = model(x_cur)
             adv = is_adv(logits, y)
@@ -146,5 +147,7 @@ def root_find_ray(
             t_ex = lo + (-g_lo).clamp_min(0) / slope.clamp_min(1e-12) * (1 + EXTRAPOLATION_OVERSHOOT)
             t_ex = torch.where((slope > 0) & (t_ex < upper), t_ex, upper)
             t_ex = torch.where(t_ex > lo, t_ex, mid)
+            if k == steps - 2:  # the last trial: the far end, where no bracket is known yet
+                t_ex = upper
             cur = torch.where(found, t_rf, t_ex)
     return hi, found, x_best

@@ -77,3 +77,9 @@ SUCCESS_TESTS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "argmax": is_misclassified,
     "slm": is_soft_adversarial,
 }
+
+SUCCESS_MARGINS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "argmax": logit_margin,
+    "slm": soft_logit_margin,
+}
+"""The continuous margin behind each success test (success iff it is >= 0, up to ties for ``"argmax"``)."""

@@ -38,8 +38,14 @@ class Norm:
         """Steepest-ascent step of per-sample length ``step_size`` (``[N]``) for this norm."""
         raise NotImplementedError
 
-    def random_init(self, x: Tensor, eps: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """A random perturbation drawn uniformly from the ball of radius ``eps`` (same shape as ``x``)."""
+    def random_init(self, x: Tensor, eps: Tensor, generator: torch.Generator | None = None,
+                    clip_min: float | None = None, clip_max: float | None = None) -> Tensor:
+        """A random start inside the ball of radius ``eps`` (same shape as ``x``), advertorch's
+        ``rand_init_delta``; the box ``[clip_min, clip_max]`` (``None``: no box) is the L2 start's support."""
+        raise NotImplementedError
+
+    def steepest_direction(self, grad: Tensor) -> Tensor:
+        """The unit-norm direction ``d`` maximising ``<grad, d>`` (sign for Linf, ``grad / ||grad||_2`` for L2)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -61,9 +67,14 @@ class LinfNorm(Norm):
     def step(self, grad: Tensor, step_size: Tensor) -> Tensor:
         return _per_sample(step_size, grad) * grad.sign()
 
-    def random_init(self, x: Tensor, eps: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def random_init(self, x: Tensor, eps: Tensor, generator: torch.Generator | None = None,
+                    clip_min: float | None = None, clip_max: float | None = None) -> Tensor:
+        """Uniform in the cube ``[-eps, eps]^d`` (advertorch: ``delta.uniform_(-eps, eps)``)."""
         u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         return (2 * u - 1) * _per_sample(eps, x)
+
+    def steepest_direction(self, grad: Tensor) -> Tensor:
+        return grad.sign()
 
 
 class L2Norm(Norm):
@@ -83,13 +94,22 @@ class L2Norm(Norm):
         scale = step_size / self.norm(grad).clamp_min(self.tiny)
         return grad * _per_sample(scale, grad)
 
-    def random_init(self, x: Tensor, eps: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        # Uniform in the ball: Gaussian direction, radius eps * U^(1/d).
+    def random_init(self, x: Tensor, eps: Tensor, generator: torch.Generator | None = None,
+                    clip_min: float | None = None, clip_max: float | None = None) -> Tensor:
+        """advertorch's L2 ``rand_init_delta`` (the MMA reference's start): a uniform random point of the box
+        minus ``x``, shrunk into the ball of radius ``eps`` (so on images it starts on the sphere). Without a
+        box (``None``), uniform in the ball (Gaussian direction, radius ``eps * U^(1/d)``)."""
+        if clip_min is not None and clip_max is not None:
+            u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            return self.project(clip_min + (clip_max - clip_min) * u - x, eps)
         g = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         d = x[0].numel()
         u = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype)
         radius = eps * u.pow(1.0 / d)
         return g * _per_sample(radius / self.norm(g).clamp_min(self.tiny), x)
+
+    def steepest_direction(self, grad: Tensor) -> Tensor:
+        return grad * _per_sample(1.0 / self.norm(grad).clamp_min(self.tiny), grad)
 
 
 _NORMS: dict[str, Norm] = {"linf": LinfNorm(), "l2": L2Norm()}

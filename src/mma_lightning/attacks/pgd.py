@@ -111,7 +111,7 @@ def pgd_iterates(
     """
     x = x.detach()
     scale = fp16_gradient_scale(x)
-    delta = norm.random_init(x, eps, generator) if rand_init else torch.zeros_like(x)
+    delta = norm.random_init(x, eps, generator, clip_min, clip_max) if rand_init else torch.zeros_like(x)
     delta = norm.project(clip_box(x + delta, clip_min, clip_max) - x, eps)
     for i in range(nb_iter):
         delta.requires_grad_(True)

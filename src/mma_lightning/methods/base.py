@@ -26,6 +26,8 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from mma_lightning.attacks import find_margin, get_norm
+from mma_lightning.attacks.losses import LOSSES
+from mma_lightning.attacks.margin import check_search
 from mma_lightning.attacks.checks import host_checks
 from mma_lightning.attacks.norms import NORM_NAMES
 from mma_lightning.methods.random_state import CHECKPOINT_KEY as RANDOM_STREAMS_KEY
@@ -51,6 +53,8 @@ class SkeletonKwargs(TypedDict, total=False):
     eval_step_scale: float
     eval_max_eps: float | None
     eval_search_steps: int
+    eval_search: str
+    eval_loss: str
     clip_min: float | None
     clip_max: float | None
     compile: bool | dict[str, Any]
@@ -78,6 +82,10 @@ class AdversarialModuleLogic:
         eval_nb_iter: validation PGD steps; step size ``eval_step_scale * eval_eps / eval_nb_iter``.
         eval_max_eps: upper end of the validation margin search (default :meth:`default_eval_max_eps`).
         eval_search_steps: bisection steps of the validation margin search.
+        eval_search: the validation margin search, ``"bisection"`` (reference) or ``"refined"``
+            (:func:`~mma_lightning.attacks.find_margin`; default budget).
+        eval_loss: the validation PGD objective, summed over the batch: ``"slm"`` (the reference's model
+            selection: soft logit margin at ``eval_eps``), or ``"ce"``, ``"lm"``, ``"cw"``.
         clip_min, clip_max: the data box (``None`` for both: no box).
         compile: ``torch.compile`` the backbone in place (``net.compile()``; state-dict keys unchanged):
             ``True`` for the defaults, or a dict of ``torch.compile`` keyword arguments. Off by default
@@ -105,6 +113,8 @@ class AdversarialModuleLogic:
         eval_step_scale: float = 2.5,
         eval_max_eps: float | None = None,
         eval_search_steps: int = 10,
+        eval_search: str = "bisection",
+        eval_loss: str = "slm",
         clip_min: float | None = 0.0,
         clip_max: float | None = 1.0,
         compile: bool | dict[str, Any] = False,
@@ -121,6 +131,9 @@ class AdversarialModuleLogic:
                              f"got {scheduler_interval!r}")
         if not eval_eps > 0:
             raise ValueError(f"eval_eps must be > 0, got {eval_eps!r}")
+        check_search(eval_search, 3, 4, name="eval_search")
+        if eval_loss not in LOSSES:
+            raise ValueError(f"eval_loss must be one of {list(LOSSES)}, got {eval_loss!r}")
         if eval_max_eps is not None and eval_max_eps < eval_eps:
             raise ValueError(f"eval_max_eps must be >= eval_eps ({eval_eps}), got {eval_max_eps!r}")
         if not isinstance(compile, (bool, Mapping)):  # a Hydra DictConfig is a Mapping
@@ -222,9 +235,9 @@ class AdversarialModuleLogic:
         logits = self.net(x)
         with self.host_checks_for(stage):
             res = find_margin(self.net, x, y, self.norm, init_eps=hp.eval_eps, max_eps=self.eval_max_eps,
-                              nb_iter=hp.eval_nb_iter, search_steps=hp.eval_search_steps, loss="ce",
+                              nb_iter=hp.eval_nb_iter, search_steps=hp.eval_search_steps, loss=hp.eval_loss,
                               step_scale=hp.eval_step_scale, clip_min=hp.clip_min, clip_max=hp.clip_max,
-                              clean_logits=logits,
+                              clean_logits=logits, search=hp.eval_search,
                               generator=self.random_streams.eval_generator(self.device))
         # PGD at eval_eps succeeded iff the bisection's bracket ends at or below eval_eps.
         robust = ~res.success | (res.eps > hp.eval_eps)

@@ -28,6 +28,7 @@ from typing_extensions import Unpack
 from mma_lightning.attacks import find_margin, soft_logit_margin
 from mma_lightning.attacks.checks import check_positive_int
 from mma_lightning.attacks.losses import SUCCESS_TESTS
+from mma_lightning.attacks.margin import check_search
 from mma_lightning.methods.base import AdversarialModule, AdversarialModuleLogic, SkeletonKwargs
 from mma_lightning.methods.eps_store import EpsStore
 
@@ -57,6 +58,10 @@ class MMAModuleLogic(AdversarialModuleLogic):
         attack_success: ``"slm"`` (reference: SLM >= 0 during training) or ``"argmax"``.
         search_train_mode: run the bisection in train mode as the reference does (BatchNorm statistics of
             the batch; running stats updated by every search forward). Default: eval mode.
+        search: the margin search after AN-PGD, ``"bisection"`` (the reference; the paper presets) or
+            ``"refined"`` (tighter margins for a small extra cost; see :func:`~mma_lightning.attacks.find_margin`).
+        root_steps, refine_steps: the ``"refined"`` search's budget (root-finder forwards along the PGD ray,
+            linearised boundary steps); ``refine_steps=0`` is the cheap budget (the root-finder alone).
         num_train_samples: size of the eps table; by default taken from the datamodule's
             ``num_train_samples`` or the training dataset's length when training starts.
         **kwargs: the shared settings (optimizer, scheduler, eval_*, box) of ``AdversarialModule``;
@@ -77,6 +82,9 @@ class MMAModuleLogic(AdversarialModuleLogic):
         step_scale: float = 2.5,
         attack_success: str = "slm",
         search_train_mode: bool = False,
+        search: str = "bisection",
+        root_steps: int = 3,
+        refine_steps: int = 4,
         num_train_samples: int | None = None,
         **kwargs: Unpack[SkeletonKwargs],
     ) -> None:
@@ -89,6 +97,7 @@ class MMAModuleLogic(AdversarialModuleLogic):
             raise ValueError(f"attack_success must be one of {list(SUCCESS_TESTS)}, got {attack_success!r}")
         check_positive_int("nb_iter", nb_iter)
         check_positive_int("search_steps", search_steps)
+        check_search(search, root_steps, refine_steps, search_train_mode)
         if num_train_samples is not None and num_train_samples < 1:
             raise ValueError(f"num_train_samples must be a positive integer or None, got {num_train_samples!r}")
         super().__init__(net, norm=norm, **kwargs)
@@ -134,7 +143,8 @@ class MMAModuleLogic(AdversarialModuleLogic):
         res = find_margin(self.net, x, y, self.norm, init_eps=init_eps, max_eps=upper, nb_iter=hp.nb_iter,
                           search_steps=hp.search_steps, loss="slm", step_scale=hp.step_scale,
                           clip_min=hp.clip_min, clip_max=hp.clip_max, success=hp.attack_success,
-                          search_train_mode=hp.search_train_mode, clean_logits=logits,
+                          search_train_mode=hp.search_train_mode, clean_logits=logits, search=hp.search,
+                          root_steps=hp.root_steps, refine_steps=hp.refine_steps,
                           generator=self.attack_generator)
         rows = correct.reshape(-1, *([1] * (x.dim() - 1)))
         x_mixed = torch.where(rows, res.x_adv, x)

@@ -11,20 +11,10 @@ from torch import nn
 
 from mma_lightning.attacks import find_margin, get_norm
 from mma_lightning.attacks.boundary import min_norm_to_hyperplane
+from test_attacks import linear_problem
 
 DUAL = {"linf": 1.0, "l2": 2.0}
 REPLAY = Path(__file__).parent / "data" / "bisection_replay.pt"
-
-
-def binary_problem(seed: int, d: int = 20, n: int = 128):
-    torch.manual_seed(seed)
-    model = nn.Linear(d, 2)
-    x = torch.randn(n, d)
-    with torch.no_grad():
-        y = model(x).argmax(1)
-        w = model.weight[1] - model.weight[0]
-        gap = (x @ w + model.bias[1] - model.bias[0]).abs()
-    return model, x, y, {norm: gap / w.norm(p=q) for norm, q in DUAL.items()}
 
 
 def multiclass_problem(norm: str, seed: int = 0, d: int = 50, k: int = 10, n: int = 128):
@@ -43,7 +33,7 @@ def multiclass_problem(norm: str, seed: int = 0, d: int = 50, k: int = 10, n: in
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 @pytest.mark.parametrize("rand_init", [False, True])
 def test_refined_binary_linear_margins_are_exact_and_never_below(norm: str, rand_init: bool) -> None:
-    model, x, y, exact = binary_problem(seed=3)
+    model, x, y, exact = linear_problem(seed=3)
     true = exact[norm]
     res = find_margin(model, x, y, norm=norm, init_eps=float(true.median()), max_eps=float(2 * true.max()),
                       nb_iter=10, rand_init=rand_init, clip_min=None, clip_max=None, search="refined",
@@ -171,3 +161,23 @@ def test_train_mode_search_forwards_only_the_correct_rows() -> None:
     train_sizes = [n for training, n in sizes if training]
     assert train_sizes == [11] * 4
     assert not model.training
+
+
+def test_mma_module_trains_with_the_refined_search_and_refuses_an_unknown_one() -> None:
+    from mma_lightning import MMAModule
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 3))
+    x, y, index = torch.rand(12, 1, 4, 4), torch.randint(0, 3, (12,)), torch.arange(12)
+    for search in ("bisection", "refined"):
+        module = MMAModule(net, max_eps=0.5, min_eps=0.05, nb_iter=3, search=search, refine_steps=2,
+                           num_train_samples=12)
+        loss = module.training_loss(x, y, index)
+        assert torch.isfinite(loss) and loss.requires_grad
+        assert (module.eps_store.eps <= 1.05 * 0.5 + 1e-6).all()
+    with pytest.raises(ValueError, match=r"search must be one of \['bisection', 'refined'\]"):
+        MMAModule(net, search="fab")
+    with pytest.raises(ValueError, match=r"eval_search must be one of"):
+        MMAModule(net, eval_search="fab")
+    with pytest.raises(ValueError, match=r"eval_loss must be one of"):
+        MMAModule(net, eval_loss="margin")

@@ -181,3 +181,16 @@ def test_mma_module_trains_with_the_refined_search_and_refuses_an_unknown_one() 
         MMAModule(net, eval_search="fab")
     with pytest.raises(ValueError, match=r"eval_loss must be one of"):
         MMAModule(net, eval_loss="margin")
+
+
+def test_refined_success_at_the_far_end_of_the_ray_is_a_verified_point() -> None:
+    """Regression: a first adversarial trial at t = max_eps must set the returned point, not only success."""
+    model, x, y, exact = linear_problem(seed=4, n=32)
+    true = exact["linf"]
+    res = find_margin(model, x, y, norm="linf", init_eps=0.1 * true, max_eps=1.01 * true, nb_iter=5,
+                      rand_init=False, clip_min=None, clip_max=None, search="refined", root_steps=2,
+                      refine_steps=0)
+    assert res.success.all()
+    assert (model(res.x_adv).argmax(1) != y).all()
+    # eps is capped at max_eps; x + t u - x measures t up to the rounding of x (1e-4 relative here).
+    assert (get_norm("linf").norm(res.x_adv - x) <= res.eps * (1 + 1e-3)).all()

@@ -127,7 +127,7 @@ def root_find_ray(
             logits = model(x_cur)
             adv = is_adv(logits, y)
             g = margin_fn(logits, y).to(init.dtype)
-            moves_hi = adv & (cur < hi)
+            moves_hi = adv & ((cur < hi) | ~found)  # hi = upper is not verified until a trial there succeeds
             moves_lo = ~adv & (cur > lo)
             g_hi = torch.where(moves_lo & lo_moved_last, g_hi / 2, g_hi)  # Illinois
             hi, g_hi = torch.where(moves_hi, cur, hi), torch.where(moves_hi, g.clamp_min(0), g_hi)
@@ -135,7 +135,7 @@ def root_find_ray(
             prev_t, prev_g = torch.where(moves_lo, lo, prev_t), torch.where(moves_lo, g_lo, prev_g)
             lo, g_lo = torch.where(moves_lo, cur, lo), torch.where(moves_lo, g, g_lo)
             lo_moved_last = moves_lo
-            found = found | adv
+            found = found | moves_hi
 
             mid = (lo + hi) / 2
             # Inside a bracket: regula falsi, biased towards hi.

@@ -170,9 +170,10 @@ def find_margin(
                                                    margin_fn, is_adv, clip_min, clip_max, fp16_gradient_scale(x))
             # The verified point's own distance (at most the ray parameter: the box clip only shortens it);
             # a point the boundary steps found beyond max_eps does not count.
+            # (rounding: x + t u - x measures t only up to the rounding of x, 1e-4 relative for tiny t).
             dist = geometry.norm(x_best - x)
-            found = found & (dist <= upper)
-            hi = torch.where(found, dist, upper)
+            found = found & (dist <= upper * (1 + 1e-3))
+            hi = torch.where(found, dist.clamp(max=upper), upper)
 
     x_far = clip_box(x + _rows(upper, x) * direction, clip_min, clip_max)
     eps = torch.where(already, torch.zeros_like(hi), torch.where(found, hi, upper))

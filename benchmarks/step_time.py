@@ -155,11 +155,12 @@ def run_case(case: Case, reps: int, device: torch.device, compile: bool = False)
     # OMMA (clean_loss_coeff=0): no graph through the clean forward, so one training backward fewer than MMA.
     omma = MMAModule(net, norm="linf", max_eps=case.max_eps, min_eps=case.min_eps, nb_iter=case.nb_iter,
                      num_train_samples=case.batch, clean_loss_coeff=0.0).to(device)
+    backbone_copy = copy.deepcopy(net) if compile else None  # before the counter's hooks go on ``net``
     counter = PassCounter(net)
     steps = {"mma": make_step(mma, x, y, index), "pgd_at": make_step(pgd_at, x, y, index),
              "omma": make_step(omma, x, y, index)}
     if compile:  # the same MMA step on a compiled copy of the backbone (torch.compile, inductor)
-        compiled = MMAModule(copy.deepcopy(net), norm="linf", max_eps=case.max_eps, min_eps=case.min_eps,
+        compiled = MMAModule(backbone_copy, norm="linf", max_eps=case.max_eps, min_eps=case.min_eps,
                              nb_iter=case.nb_iter, num_train_samples=case.batch, compile=True).to(device)
         steps["mma_compiled"] = make_step(compiled, x, y, index)
     passes = {}

@@ -80,3 +80,18 @@ def test_no_recompiles_after_warmup_across_steps_and_train_eval_switches(method:
 def test_compile_must_be_a_bool_or_torch_compile_arguments() -> None:
     with pytest.raises(ValueError, match="compile must be a bool or a dict of torch.compile arguments"):
         PGDATModule(conv_net(), compile="inductor")
+
+
+def test_attack_freezes_parameters_only_while_it_runs() -> None:
+    """pgd runs with frozen parameters (a compiled backward then computes the input gradient alone) and gives
+    every parameter its own requires_grad flag back (a layer the user froze stays frozen); no .grad."""
+    from mma_lightning.attacks import pgd
+
+    net = conv_net()
+    net[0].weight.requires_grad_(False)
+    seen: list[bool] = []
+    net[4].register_forward_pre_hook(lambda m, args: seen.append(m.weight.requires_grad))
+    pgd(net, torch.rand(4, 1, 6, 6), torch.tensor([0, 1, 2, 0]), eps=0.1, nb_iter=2)
+    assert seen == [False, False]
+    assert [p.requires_grad for p in net.parameters()] == [False] + [True] * (len(list(net.parameters())) - 1)
+    assert all(p.grad is None for p in net.parameters())

@@ -30,6 +30,25 @@ def model_mode(model: nn.Module, train: bool) -> Iterator[None]:
 
 
 @contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Parameters with ``requires_grad=False`` inside the block, each one's own flag restored on exit.
+
+    An attack needs the gradient to its input only. Eager autograd prunes the weight gradients anyway, but a
+    ``torch.compile``d backbone (AOTAutograd) runs one fused backward that computes every gradient its
+    inputs require: with frozen parameters that backward is the input gradient alone. ``.grad`` is never
+    touched.
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+@contextmanager
 def grad_enabled_outside_inference() -> Iterator[None]:
     """Enable autograd even inside ``torch.inference_mode()`` (where ``enable_grad`` alone is not enough).
 

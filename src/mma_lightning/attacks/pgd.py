@@ -15,7 +15,12 @@ import torch
 from torch import Tensor, nn
 
 from mma_lightning.attacks.checks import as_eps, check_batch, check_box, check_labels, check_positive_int
-from mma_lightning.attacks.context import grad_enabled_outside_inference, model_mode, usable_for_autograd
+from mma_lightning.attacks.context import (
+    frozen_parameters,
+    grad_enabled_outside_inference,
+    model_mode,
+    usable_for_autograd,
+)
 from mma_lightning.attacks.losses import get_loss
 from mma_lightning.attacks.norms import Norm, get_norm
 
@@ -113,13 +118,14 @@ def pgd_iterates(
     scale = fp16_gradient_scale(x)
     delta = norm.random_init(x, eps, generator, clip_min, clip_max) if rand_init else torch.zeros_like(x)
     delta = norm.project(clip_box(x + delta, clip_min, clip_max) - x, eps)
-    for i in range(nb_iter):
-        delta.requires_grad_(True)
-        logits = model(x + delta)
-        if check_y and i == 0:
-            check_labels(y, logits.shape[1])
-        objective = loss_fn(logits, y).sum() * scale
-        (grad,) = torch.autograd.grad(objective, delta)
-        delta = delta.detach() + norm.step(grad, step_size)
-        delta = norm.project(clip_box(x + delta, clip_min, clip_max) - x, eps)
+    with frozen_parameters(model):  # the input gradient only (a compiled backward computes all it may)
+        for i in range(nb_iter):
+            delta.requires_grad_(True)
+            logits = model(x + delta)
+            if check_y and i == 0:
+                check_labels(y, logits.shape[1])
+            objective = loss_fn(logits, y).sum() * scale
+            (grad,) = torch.autograd.grad(objective, delta)
+            delta = delta.detach() + norm.step(grad, step_size)
+            delta = norm.project(clip_box(x + delta, clip_min, clip_max) - x, eps)
     return (x + delta).detach()

@@ -77,6 +77,25 @@ def test_no_recompiles_after_warmup_across_steps_and_train_eval_switches(method:
     assert all("_orig_mod" not in k for k in module.state_dict())
 
 
+def test_compiled_backbone_trains_under_the_lightning_namespace_trainer() -> None:
+    """The same option on ``mma_lightning.lightning.MMAModule`` with a ``lightning.pytorch.Trainer``."""
+    L = pytest.importorskip("lightning.pytorch")
+    from mma_lightning.lightning import MMAModule as LightningMMAModule
+    from mma_lightning.lightning.data import TensorDataModule as LightningTensorDataModule
+
+    torch._dynamo.reset()
+    counters.clear()
+    module = LightningMMAModule(conv_net(), max_eps=0.2, min_eps=0.05, nb_iter=2, search_steps=2, compile=EAGER,
+                                **FAST_EVAL)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(48, 1, 6, 6, generator=g), torch.randint(0, 3, (48,), generator=g)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=3, limit_val_batches=1, num_sanity_val_steps=0,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(module, LightningTensorDataModule(x, y, val_size=16, batch_size=16))
+    assert trainer.global_step == 3 and compiled_counts()[0] >= 2
+
+
 def test_compile_must_be_a_bool_or_torch_compile_arguments() -> None:
     with pytest.raises(ValueError, match="compile must be a bool or a dict of torch.compile arguments"):
         PGDATModule(conv_net(), compile="inductor")

@@ -40,7 +40,7 @@ DUAL = {"linf": 1.0, "l2": 2.0}
 SEARCHES: dict[str, dict[str, Any]] = {
     "bisection": {"search": "bisection"},
     "refined": {"search": "refined"},
-    "refined, root-finder only": {"search": "refined", "refine_steps": 0},
+    "refined, root-finder only": {"search": "refined", "root_steps": 5, "refine_steps": 0},
 }
 
 

@@ -141,7 +141,14 @@ def unit_costs(net: nn.Module, x: Tensor, y: Tensor, reps: int) -> dict[str, flo
     return out
 
 
-def run_case(case: Case, reps: int, device: torch.device, compile: bool = False) -> float:
+SEARCH_BUDGETS = {  # --search: the MMA margin search (find_margin's search and budget)
+    "bisection": {"search": "bisection"},
+    "refined": {"search": "refined"},
+    "cheap": {"search": "refined", "root_steps": 5, "refine_steps": 0},  # the root-finder alone
+}
+
+
+def run_case(case: Case, reps: int, device: torch.device, search: str = "bisection", compile: bool = False) -> float:
     torch.manual_seed(0)
     net = case.make_net().to(device)
     x = torch.rand(case.batch, *case.shape, device=device)
@@ -150,18 +157,19 @@ def run_case(case: Case, reps: int, device: torch.device, compile: bool = False)
     fit_steps = fit_to_batch(net, x, y)
     net.train()
     mma = MMAModule(net, norm="linf", max_eps=case.max_eps, min_eps=case.min_eps, nb_iter=case.nb_iter,
-                    num_train_samples=case.batch).to(device)
+                    num_train_samples=case.batch, **SEARCH_BUDGETS[search]).to(device)
     pgd_at = PGDATModule(net, norm="linf", eps=case.pgd_eps, nb_iter=case.nb_iter).to(device)
     # OMMA (clean_loss_coeff=0): no graph through the clean forward, so one training backward fewer than MMA.
     omma = MMAModule(net, norm="linf", max_eps=case.max_eps, min_eps=case.min_eps, nb_iter=case.nb_iter,
-                     num_train_samples=case.batch, clean_loss_coeff=0.0).to(device)
+                     num_train_samples=case.batch, clean_loss_coeff=0.0, **SEARCH_BUDGETS[search]).to(device)
     backbone_copy = copy.deepcopy(net) if compile else None  # before the counter's hooks go on ``net``
     counter = PassCounter(net)
     steps = {"mma": make_step(mma, x, y, index), "pgd_at": make_step(pgd_at, x, y, index),
              "omma": make_step(omma, x, y, index)}
     if compile:  # the same MMA step on a compiled copy of the backbone (torch.compile, inductor)
         compiled = MMAModule(backbone_copy, norm="linf", max_eps=case.max_eps, min_eps=case.min_eps,
-                             nb_iter=case.nb_iter, num_train_samples=case.batch, compile=True).to(device)
+                             nb_iter=case.nb_iter, num_train_samples=case.batch, compile=True,
+                             **SEARCH_BUDGETS[search]).to(device)
         steps["mma_compiled"] = make_step(compiled, x, y, index)
     passes = {}
     for name, step in steps.items():  # warm-up (compiles), and one counted step each
@@ -178,7 +186,7 @@ def run_case(case: Case, reps: int, device: torch.device, compile: bool = False)
             times[name].append(clock() - t0)
     med = {name: statistics.median(t) for name, t in times.items()}
     ratio = med["mma"] / med["pgd_at"]
-    print(f"\n{case.name} on {device} (fitted in {fit_steps} steps; every sample correct: "
+    print(f"\n{case.name}, MMA search {search!r}, on {device} (fitted in {fit_steps} steps; every sample correct: "
           f"{bool((soft_logit_margin(net.eval()(x), y) < 0).all())})")
     for name in steps:
         fg, fn, b = passes[name]
@@ -190,9 +198,11 @@ def run_case(case: Case, reps: int, device: torch.device, compile: bool = False)
     # The floor the pass counts allow with these measured unit costs: MMA = 2 training passes (clean, mixed)
     # + K attack passes + S (=10) no-grad search forwards; PGD-AT = K attack passes + 1 training pass.
     unit = unit_costs(net.train(), x, y, reps)
-    k, s = case.nb_iter, mma.hparams.search_steps
-    floor = (2 * unit["training_pass"] + k * unit["attack_pass"] + s * unit["no_grad_forward"]) / (
-        k * unit["attack_pass"] + unit["training_pass"])
+    k = case.nb_iter
+    fg, fn, _ = passes["mma"]  # MMA's attack passes beyond PGD's K (the refined search's boundary steps)
+    extra_attack = fg - 2 - k
+    floor = (2 * unit["training_pass"] + (k + extra_attack) * unit["attack_pass"]
+             + fn * unit["no_grad_forward"]) / (k * unit["attack_pass"] + unit["training_pass"])
     print("  unit costs (ms): " + ", ".join(f"{n} {v * 1e3:.1f}" for n, v in unit.items()))
     print(f"  floor from the pass counts and unit costs = {floor:.3f} (measured / floor = {ratio / floor:.3f})")
     backward = unit["training_pass"] - unit["no_grad_forward"]
@@ -208,6 +218,8 @@ def main() -> None:
     parser.add_argument("--only", choices=sorted(CASES), nargs="*", default=["lenet", "wrn"])
     parser.add_argument("--compile", action="store_true",
                         help="also time MMA on a torch.compile'd copy of the backbone (compiling takes minutes)")
+    parser.add_argument("--search", choices=sorted(SEARCH_BUDGETS), default="bisection",
+                        help="MMA's margin search: the reference's bisection, refined, or cheap (root-finder only)")
     parser.add_argument("--cpu-time", action="store_true",
                         help="time with this process's CPU time on one thread: steadier on a shared, busy CPU")
     args = parser.parse_args()
@@ -216,7 +228,7 @@ def main() -> None:
         global CLOCK
         CLOCK = time.process_time
         torch.set_num_threads(1)
-    ratios = {name: run_case(CASES[name], args.reps, torch.device(args.device), args.compile)
+    ratios = {name: run_case(CASES[name], args.reps, torch.device(args.device), args.search, args.compile)
               for name in args.only}
     targets = {"lenet": 1.15, "wrn": 1.35}
     print("\nsummary: " + ", ".join(f"{n}: {r:.3f} (target <= {targets[n]})" for n, r in ratios.items()))

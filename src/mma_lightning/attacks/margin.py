@@ -119,8 +119,8 @@ def find_margin(
             forwards along the PGD ray. ``"refined"`` (ours): a safeguarded root-finder on the margin along the
             ray (``root_steps`` forwards), then ``refine_steps`` linearised steps onto the nearest boundary
             (one forward + backward each, and one verification forward), keeping the smallest verified
-            adversarial point; the eps returned is that point's own distance. ``refine_steps=0`` is the cheap
-            budget: as tight as the bisection with a third of its forwards.
+            adversarial point; the eps returned is that point's own distance. ``root_steps=5, refine_steps=0``
+            is the cheap budget: about as tight as the bisection with half its forwards.
         root_steps, refine_steps: the ``"refined"`` search's budget (ignored by ``"bisection"``).
     """
     check_batch(x, y)

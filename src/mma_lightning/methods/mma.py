@@ -61,7 +61,8 @@ class MMAModuleLogic(AdversarialModuleLogic):
         search: the margin search after AN-PGD, ``"bisection"`` (the reference; the paper presets) or
             ``"refined"`` (tighter margins for a small extra cost; see :func:`~mma_lightning.attacks.find_margin`).
         root_steps, refine_steps: the ``"refined"`` search's budget (root-finder forwards along the PGD ray,
-            linearised boundary steps); ``refine_steps=0`` is the cheap budget (the root-finder alone).
+            linearised boundary steps); ``root_steps=5, refine_steps=0`` is the cheap budget (the
+            root-finder alone, half the bisection's search forwards).
         num_train_samples: size of the eps table; by default taken from the datamodule's
             ``num_train_samples`` or the training dataset's length when training starts.
         **kwargs: the shared settings (optimizer, scheduler, eval_*, box) of ``AdversarialModule``;

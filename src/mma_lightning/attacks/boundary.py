@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mma_lightning.attacks.context import model_mode
+from mma_lightning.attacks.context import frozen_parameters, model_mode
 from mma_lightning.attacks.line_search import AdvTest, LossFn, rows
 from mma_lightning.attacks.norms import Norm
 
@@ -89,7 +89,7 @@ def refine_on_boundary(
     found = found.clone()
     cand = start.detach()
     reach = torch.ones_like(best_norm)  # trust region: the fraction of the way to the projection taken
-    with model_mode(model, train=False):
+    with model_mode(model, train=False), frozen_parameters(model):  # the input gradient only
         for k in range(steps + 1):
             if k == steps:
                 with torch.no_grad():

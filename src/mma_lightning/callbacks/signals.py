@@ -24,8 +24,8 @@ from types import FrameType
 from typing import Any, Callable
 
 import pytorch_lightning as pl
-from lightning_fabric.plugins.environments import SLURMEnvironment
-from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+from mma_lightning.namespaces import lightning_types
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,8 @@ class StopOnSignalLogic:
         if threading.current_thread() is not threading.main_thread():
             return
         env = trainer._accelerator_connector.cluster_environment
-        slurm_requeue = isinstance(env, SLURMEnvironment) and env.auto_requeue
+        slurm_requeue = isinstance(env, lightning_types("plugins.environments.SLURMEnvironment")) \
+            and env.auto_requeue
         for name in self.signals:
             if name == "SIGUSR1" and slurm_requeue:
                 continue  # Lightning's requeue handler
@@ -107,7 +108,7 @@ class StopOnSignalLogic:
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """Lightning stops a signalled run with ``SIGTERMException`` between two steps: write the checkpoint."""
-        if isinstance(exception, SIGTERMException):
+        if isinstance(exception, lightning_types("utilities.exceptions.SIGTERMException")):
             self.received = self.received or "SIGTERM"
             self._save(trainer)
 

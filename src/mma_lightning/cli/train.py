@@ -113,14 +113,18 @@ def limit_test_to_training(budget: str | None, trainer: pl.Trainer, datamodule: 
     """``test_budget=auto`` on a CPU: test at most as many images as training saw (``global_step`` x the
     global batch size), so a short run does not spend many times its training time in the test pass (each
     test image costs a PGD attack and a margin search, about a training sample's cost). Only when
-    ``trainer.limit_test_batches`` is left at 1.0; ``test_budget=null`` always tests the whole split."""
+    ``trainer.limit_test_batches`` is left at 1.0 (the float: all batches; an int is a batch count the user
+    chose); ``test_budget=null`` always tests the whole split."""
     if budget not in TEST_BUDGETS:
         raise ValueError(f"test_budget must be one of {list(TEST_BUDGETS)} (null: the whole test split), "
                          f"got {budget!r}")
     batch_size = getattr(datamodule, "batch_size", None)
     eval_batch_size = getattr(datamodule, "eval_batch_size", None)
     test_set = getattr(datamodule, "test_set", None)
-    if (budget is None or trainer.limit_test_batches != 1.0 or batch_size is None or eval_batch_size is None
+    # Lightning reads an int as a number of batches (1: one batch) and a float as a fraction (1.0: all).
+    limit = trainer.limit_test_batches
+    left_at_all = isinstance(limit, float) and limit == 1.0
+    if (budget is None or not left_at_all or batch_size is None or eval_batch_size is None
             or test_set is None
             or not isinstance(trainer.accelerator, lightning_types("accelerators.CPUAccelerator"))):
         return

@@ -18,8 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from mma_lightning.attacks.context import frozen_parameters, model_mode
-from mma_lightning.attacks.line_search import AdvTest, LossFn, rows
-from mma_lightning.attacks.norms import Norm
+from mma_lightning.attacks.line_search import AdvTest, LossFn
+from mma_lightning.attacks.norms import Norm, per_sample
+from mma_lightning.attacks.pgd import clip_box
 
 BOUNDARY_OVERSHOOT = 1e-3
 """Relative step beyond the linearised boundary, so that a candidate lands on the adversarial side."""
@@ -48,15 +49,15 @@ def min_norm_to_hyperplane(
     gd = grad * d  # >= 0
     s = target / gd.flatten(1).sum(1).clamp_min(1e-20)
     if lower is None or upper is None:
-        return d * rows(s, d)
+        return d * per_sample(s, d)
     for _ in range(NEWTON_STEPS):
-        delta = torch.maximum(torch.minimum(d * rows(s, d), upper), lower)
+        delta = torch.maximum(torch.minimum(d * per_sample(s, d), upper), lower)
         reached = (grad * delta).flatten(1).sum(1)
-        free = (delta == d * rows(s, d)).to(gd.dtype)
+        free = (delta == d * per_sample(s, d)).to(gd.dtype)
         slope = (gd * free).flatten(1).sum(1)
         s = s + torch.where(slope > 0, (target - reached).clamp_min(0) / slope.clamp_min(1e-20),
                             torch.zeros_like(s))
-    return torch.maximum(torch.minimum(d * rows(s, d), upper), lower)
+    return torch.maximum(torch.minimum(d * per_sample(s, d), upper), lower)
 
 
 def refine_on_boundary(
@@ -104,7 +105,7 @@ def refine_on_boundary(
             cand_norm = norm.norm(cand - x)
             adv = is_adv(logits.detach(), y)
             better = active & adv & (cand_norm < best_norm)
-            best = torch.where(rows(better, x), cand, best)
+            best = torch.where(per_sample(better, x), cand, best)
             best_norm = torch.where(better, cand_norm, best_norm)
             found = found | better
             if k == steps:
@@ -117,14 +118,12 @@ def refine_on_boundary(
             # Where the linearisation cannot be trusted (x already on its far side, or no gradient), shrink the
             # best point towards x instead, as FMN's radius decrease does.
             valid = (target > 0) & (flat_g.abs().sum(1) > 0)
-            shrunk = torch.where(rows(found, x), x + SHRINK * (best - x), cand)
+            shrunk = torch.where(per_sample(found, x), x + SHRINK * (best - x), cand)
             # Trust region: from the best point, the fraction ``reach`` of the way to the projection; doubled
             # after a verified candidate, halved after a failed one (where the margin curves away from its
             # linearisation). Before any adversarial point is known: the projection itself (DeepFool).
             reach = torch.where(adv, (2 * reach).clamp(max=1.0), reach / 2)
-            towards = torch.where(rows(found, x), best + rows(reach, x) * (x + step - best), x + step)
-            nxt = torch.where(rows(valid, x), towards, shrunk)
-            if clip_min is not None:
-                nxt = nxt.clamp(clip_min, clip_max)
-            cand = torch.where(rows(active, x), nxt, cand)
+            towards = torch.where(per_sample(found, x), best + per_sample(reach, x) * (x + step - best), x + step)
+            nxt = clip_box(torch.where(per_sample(valid, x), towards, shrunk), clip_min, clip_max)
+            cand = torch.where(per_sample(active, x), nxt, cand)
     return best, found

@@ -19,6 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from mma_lightning.attacks.context import model_mode
+from mma_lightning.attacks.norms import per_sample
+from mma_lightning.attacks.pgd import clip_box
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 AdvTest = Callable[[Tensor, Tensor], Tensor]
@@ -29,16 +31,10 @@ EXTRAPOLATION_OVERSHOOT = 0.25
 """Relative overshoot of the secant extrapolation before any adversarial point is known."""
 
 
-def rows(v: Tensor, like: Tensor) -> Tensor:
-    """Reshape a per-sample ``[N]`` tensor to broadcast over ``like``'s non-batch dimensions."""
-    return v.reshape(-1, *([1] * (like.dim() - 1)))
-
-
 def point_on_ray(x: Tensor, direction: Tensor, t: Tensor, clip_min: float | None,
                  clip_max: float | None) -> Tensor:
     """``x + t * direction``, clipped to the box (``None``: no box)."""
-    p = x + rows(t, x) * direction
-    return p if clip_min is None else p.clamp(clip_min, clip_max)
+    return clip_box(x + per_sample(t, x) * direction, clip_min, clip_max)
 
 
 def bisect_ray(
@@ -72,7 +68,7 @@ def bisect_ray(
             adv = is_adv(model(x_cur), y) if subset is None else _subset_is_adv(model, x_cur, y, subset, is_adv)
             hi = torch.where(adv, torch.minimum(hi, cur), hi)
             lo = torch.where(adv, lo, torch.maximum(lo, cur))
-            x_best = torch.where(rows(adv, x), x_cur, x_best)
+            x_best = torch.where(per_sample(adv, x), x_cur, x_best)
             found = found | adv
             cur = (lo + hi) / 2
     return hi, found, x_best
@@ -131,7 +127,7 @@ def root_find_ray(
             moves_lo = ~adv & (cur > lo)
             g_hi = torch.where(moves_lo & lo_moved_last, g_hi / 2, g_hi)  # Illinois
             hi, g_hi = torch.where(moves_hi, cur, hi), torch.where(moves_hi, g.clamp_min(0), g_hi)
-            x_best = torch.where(rows(moves_hi, x), x_cur, x_best)
+            x_best = torch.where(per_sample(moves_hi, x), x_cur, x_best)
             prev_t, prev_g = torch.where(moves_lo, lo, prev_t), torch.where(moves_lo, g_lo, prev_g)
             lo, g_lo = torch.where(moves_lo, cur, lo), torch.where(moves_lo, g, g_lo)
             lo_moved_last = moves_lo

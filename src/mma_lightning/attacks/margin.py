@@ -34,10 +34,10 @@ from mma_lightning.attacks.checks import (
 )
 from mma_lightning.attacks.context import grad_enabled_outside_inference, model_mode, usable_for_autograd
 from mma_lightning.attacks.boundary import refine_on_boundary
-from mma_lightning.attacks.line_search import bisect_ray, root_find_ray
+from mma_lightning.attacks.line_search import bisect_ray, point_on_ray, root_find_ray
 from mma_lightning.attacks.losses import SUCCESS_MARGINS, SUCCESS_TESTS, get_loss
-from mma_lightning.attacks.norms import Norm, get_norm
-from mma_lightning.attacks.pgd import LossFn, clip_box, fp16_gradient_scale, pgd_iterates
+from mma_lightning.attacks.norms import Norm, get_norm, per_sample
+from mma_lightning.attacks.pgd import LossFn, fp16_gradient_scale, pgd_iterates
 
 
 SEARCHES: tuple[str, ...] = ("bisection", "refined")
@@ -69,10 +69,6 @@ def check_search(search: str, root_steps: int, refine_steps: int, search_train_m
     if search == "refined" and search_train_mode:
         raise ValueError("search_train_mode=True reproduces the reference's train-mode bisection: it needs "
                          "search='bisection', got search='refined'")
-
-
-def _rows(v: Tensor, like: Tensor) -> Tensor:
-    return v.reshape(-1, *([1] * (like.dim() - 1)))
 
 
 def find_margin(
@@ -154,7 +150,7 @@ def find_margin(
         with model_mode(model, train=False):
             x_pgd = pgd_iterates(model, x, y, geometry, init, nb_iter, step_scale * init / nb_iter, loss_fn,
                                  rand_init, clip_min, clip_max, generator)
-        direction = (x_pgd - x) / _rows(init, x)
+        direction = (x_pgd - x) / per_sample(init, x)
 
         if search == "bisection":
             subset = ~already if search_train_mode else None
@@ -165,7 +161,7 @@ def find_margin(
             hi, found, x_best = root_find_ray(model, x, y, direction, init, upper, root_steps, margin_fn, is_adv,
                                               margin_fn(clean_logits, y), clip_min, clip_max)
             if refine_steps > 0:
-                start = torch.where(_rows(found, x), x_best, x_pgd)
+                start = torch.where(per_sample(found, x), x_best, x_pgd)
                 x_best, found = refine_on_boundary(model, x, y, geometry, start, found, ~already, refine_steps,
                                                    margin_fn, is_adv, clip_min, clip_max, fp16_gradient_scale(x))
             # The verified point's own distance (at most the ray parameter: the box clip only shortens it);
@@ -175,7 +171,7 @@ def find_margin(
             found = found & (dist <= upper * (1 + 1e-3))
             hi = torch.where(found, dist.clamp(max=upper), upper)
 
-    x_far = clip_box(x + _rows(upper, x) * direction, clip_min, clip_max)
+    x_far = point_on_ray(x, direction, upper, clip_min, clip_max)
     eps = torch.where(already, torch.zeros_like(hi), torch.where(found, hi, upper))
-    x_adv = torch.where(_rows(already, x), x, torch.where(_rows(found, x), x_best, x_far))
+    x_adv = torch.where(per_sample(already, x), x, torch.where(per_sample(found, x), x_best, x_far))
     return MarginResult(eps=eps, x_adv=x_adv, success=already | found)

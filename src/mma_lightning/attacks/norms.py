@@ -16,7 +16,7 @@ NormName = Literal["linf", "l2"]
 NORM_NAMES: tuple[str, ...] = ("linf", "l2")
 
 
-def _per_sample(v: Tensor, like: Tensor) -> Tensor:
+def per_sample(v: Tensor, like: Tensor) -> Tensor:
     """Reshape a ``[N]`` tensor so it broadcasts over the non-batch dimensions of ``like``."""
     return v.reshape(-1, *([1] * (like.dim() - 1)))
 
@@ -61,17 +61,17 @@ class LinfNorm(Norm):
         return delta.flatten(1).abs().amax(dim=1)
 
     def project(self, delta: Tensor, eps: Tensor) -> Tensor:
-        e = _per_sample(eps, delta)
+        e = per_sample(eps, delta)
         return torch.maximum(torch.minimum(delta, e), -e)
 
     def step(self, grad: Tensor, step_size: Tensor) -> Tensor:
-        return _per_sample(step_size, grad) * grad.sign()
+        return per_sample(step_size, grad) * grad.sign()
 
     def random_init(self, x: Tensor, eps: Tensor, generator: torch.Generator | None = None,
                     clip_min: float | None = None, clip_max: float | None = None) -> Tensor:
         """Uniform in the cube ``[-eps, eps]^d`` (advertorch: ``delta.uniform_(-eps, eps)``)."""
         u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return (2 * u - 1) * _per_sample(eps, x)
+        return (2 * u - 1) * per_sample(eps, x)
 
     def steepest_direction(self, grad: Tensor) -> Tensor:
         return grad.sign()
@@ -88,11 +88,11 @@ class L2Norm(Norm):
 
     def project(self, delta: Tensor, eps: Tensor) -> Tensor:
         factor = (eps / self.norm(delta).clamp_min(self.tiny)).clamp(max=1.0)
-        return delta * _per_sample(factor, delta)
+        return delta * per_sample(factor, delta)
 
     def step(self, grad: Tensor, step_size: Tensor) -> Tensor:
         scale = step_size / self.norm(grad).clamp_min(self.tiny)
-        return grad * _per_sample(scale, grad)
+        return grad * per_sample(scale, grad)
 
     def random_init(self, x: Tensor, eps: Tensor, generator: torch.Generator | None = None,
                     clip_min: float | None = None, clip_max: float | None = None) -> Tensor:
@@ -106,10 +106,10 @@ class L2Norm(Norm):
         d = x[0].numel()
         u = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype)
         radius = eps * u.pow(1.0 / d)
-        return g * _per_sample(radius / self.norm(g).clamp_min(self.tiny), x)
+        return g * per_sample(radius / self.norm(g).clamp_min(self.tiny), x)
 
     def steepest_direction(self, grad: Tensor) -> Tensor:
-        return grad * _per_sample(1.0 / self.norm(grad).clamp_min(self.tiny), grad)
+        return grad * per_sample(1.0 / self.norm(grad).clamp_min(self.tiny), grad)
 
 
 _NORMS: dict[str, Norm] = {"linf": LinfNorm(), "l2": L2Norm()}

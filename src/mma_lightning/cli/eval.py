@@ -3,7 +3,11 @@
 
 Each run's data, model and method are rebuilt from the resolved config ``mma-train`` saved in its run
 directory (``<run>/config.yaml``, found from the checkpoint), with the changes given as ``+data.<key>=...`` /
-``+method.<key>=...``, and the checkpoint's weights are loaded. Per checkpoint, on one device:
+``+method.<key>=...``, and the checkpoint's weights are loaded. A released model of the paper
+(``model_file=... model_source=robustbench|mma_training``, :func:`mma_lightning.models.load_pretrained`) goes
+the same way, with its data and norm from ``data=<name> norm=<name>`` (``mma-train``'s groups; the method
+around it is ``released_method``) or from ``run_config=``: the only difference is that the model is built by
+``load_pretrained`` instead of loading a checkpoint's weights into the run's model. Per model, on one device:
 
 - optionally (``test_step``; default: on with the paper's protocol, off with ``evaluation=fast``) the
   method's own ``test_step`` through ``trainer.test`` on the same test points as the robustness evaluation:
@@ -29,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 import hydra
@@ -38,7 +43,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from mma_lightning.cli.errors import run_reporting_errors
-from mma_lightning.cli.train import CONFIG_PATH, RESOLVED_CONFIG, floats, write_atomically
+from mma_lightning.cli.train import (
+    CONFIG_PATH,
+    RESOLVED_CONFIG,
+    check_model_fits_data,
+    floats,
+    write_atomically,
+)
 from mma_lightning.evaluation import (
     DEFAULT_STEP_FRACTION,
     EPS_GRIDS,
@@ -51,8 +62,9 @@ from mma_lightning.evaluation.cache import cache_key, data_fingerprint
 from mma_lightning.evaluation.evaluate import check_evaluation_settings
 from mma_lightning.evaluation.identity import model_identity
 from mma_lightning.evaluation.protocol import check_eps_grid, grid_name
-from mma_lightning.evaluation.report import verdict_line
+from mma_lightning.evaluation.report import ROBUSTBENCH_FIELDS, ROBUSTBENCH_MEASURED, eps_index, verdict_line
 from mma_lightning.evaluation.robustness import check_norm
+from mma_lightning.models.pretrained import PAPER_INFO, SOURCES, architecture_name, load_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +73,16 @@ EVAL_KEYS = ("norm", "eval_eps", "eval_nb_iter", "eval_step_scale", "eval_max_ep
 # The data of a run (the class name of its `data._target_`) -> the family of its preset eps grids.
 GRID_FAMILIES = {"MNISTDataModule": "mnist", "FashionMNISTDataModule": "mnist", "mnist5k_datamodule": "mnist",
                  "CIFAR10DataModule": "cifar10"}
+# The eps of a RobustBench model_info entry by (grid family, norm): RobustBench's for CIFAR10, the paper's
+# headline radius for MNIST.
+MODEL_INFO_EPS = {("cifar10", "linf"): 8 / 255, ("cifar10", "l2"): 0.5, ("mnist", "linf"): 0.3,
+                  ("mnist", "l2"): 2.0}
 
 
 @dataclass
 class Checkpoint:
-    """One checkpoint to evaluate: its file, its label, its run's config and the protocol's radii."""
+    """One model to evaluate: its file, its label, its run's config and the protocol's radii; for a released
+    model (``model_file``) also its layout and the model :func:`load_pretrained` built from the file."""
 
     path: Path
     name: str
@@ -74,6 +91,8 @@ class Checkpoint:
     eps_grid: tuple[float, ...]
     step_fraction: float | None
     protocol_step_fraction: float
+    source: str | None = None
+    released: nn.Module | None = None
 
 
 def evaluate(cfg: DictConfig) -> list[ModelEvaluation]:
@@ -81,6 +100,7 @@ def evaluate(cfg: DictConfig) -> list[ModelEvaluation]:
     eval run directory; returns the evaluations in the order of the checkpoints."""
     device, run_test_step = check_command_settings(cfg)
     checkpoints = plan_checkpoints(cfg)
+    info_eps = model_info_eps(cfg.get("model_info"), checkpoints)
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
     evaluator: Callable[..., ModelEvaluation] = instantiate(cfg.evaluation)
@@ -94,18 +114,22 @@ def evaluate(cfg: DictConfig) -> list[ModelEvaluation]:
                              f"{trainer.world_size})")
     cache_dir = cfg.get("cache_dir")
     evaluations, tested = [], []
+    robustbench: dict[str, tuple[float, dict[str, Any]]] = {}
     for ckpt in checkpoints:
         evaluation, metrics = evaluate_checkpoint(ckpt, evaluator, trainer, device,
                                                   max_samples=cfg.evaluation.get("max_samples"),
                                                   cache_dir=cache_dir)
         evaluations.append(evaluation)
+        if info_eps is not None:
+            robustbench[ckpt.name] = (info_eps, model_info_fields(cfg.model_info, evaluation))
         if metrics is not None:
             settings = {key: ckpt.run_cfg.method.get(key) for key in EVAL_KEYS}
             tested.append({"name": ckpt.name, "ckpt_path": str(ckpt.path), "attack": settings,
                            "num_samples": evaluation.pgd.num_samples,
                            "samples_sha256": evaluation.data_info.get("samples_sha256"), "metrics": metrics})
     out_dir = Path(cfg.paths.output_dir)
-    paths = write_report(evaluations, out_dir, title=cfg.get("title") or "Robustness evaluation")
+    paths = write_report(evaluations, out_dir, title=cfg.get("title") or "Robustness evaluation",
+                         robustbench=robustbench if info_eps is not None else None)
     if tested:
         write_test_metrics(out_dir / REPORT_FILE, tested)
     log.info("report written to %s and %s", paths.results_json, paths.table_markdown)
@@ -117,7 +141,8 @@ def evaluate(cfg: DictConfig) -> list[ModelEvaluation]:
     return evaluations
 
 
-COMMAND_KEYS = ("seed", "device", "test_step", "title", "names", "cache_dir", "run_config")
+COMMAND_KEYS = ("seed", "device", "test_step", "title", "names", "cache_dir", "run_config", "model_file",
+                "model_source")
 
 
 def check_command_settings(cfg: DictConfig) -> tuple[torch.device, bool]:
@@ -152,9 +177,72 @@ def check_command_settings(cfg: DictConfig) -> tuple[torch.device, bool]:
     return device, bool(test_step)
 
 
+def model_info_eps(model_info: DictConfig | None, checkpoints: Sequence[Checkpoint]) -> float | None:
+    """The eps of the RobustBench ``model_info`` entries (``None``: ``model_info.enabled`` is false), checked
+    with the node's keys and flag before any evaluation: ``model_info.eps`` (a number or ``"k/255"``) or the
+    default of the checkpoints' data and norm (:data:`MODEL_INFO_EPS`), on their eps grid."""
+    node = dict(model_info or {})
+    enabled = node.pop("enabled", False)
+    if not isinstance(enabled, bool):
+        raise ValueError(f"model_info.enabled must be true or false, got {enabled!r}")
+    descriptive = [f for f in ROBUSTBENCH_FIELDS if f not in ROBUSTBENCH_MEASURED or f == "eps"]
+    unknown = sorted(set(node) - set(descriptive))
+    if unknown:
+        raise ValueError(f"model_info.{unknown[0]} is not a setting: model_info holds enabled and RobustBench's "
+                         f"descriptive fields {descriptive} (dataset, clean_acc and autoattack_acc are measured)")
+    if not enabled:
+        return None
+    first = checkpoints[0]
+    eps = node.get("eps")
+    if eps is None:
+        family = GRID_FAMILIES.get(str(first.run_cfg.data.get("_target_", "?")).rsplit(".", 1)[-1])
+        if (family, first.norm) not in MODEL_INFO_EPS:
+            raise ValueError(f"model_info.eps=null: no default eps for this data and norm {first.norm}: set "
+                             f"model_info.eps to one of the eps grid {list(first.eps_grid)}")
+        eps = MODEL_INFO_EPS[(family, first.norm)]
+    value = parse_eps(eps)
+    if value is None or eps_index(first.eps_grid, value) is None:
+        raise ValueError(f"model_info.eps={eps} is not on the evaluation's eps grid {list(first.eps_grid)}: "
+                         "set model_info.eps to one of them (a number or k/255), or change evaluation.eps_grid")
+    return value
+
+
+def parse_eps(eps: Any) -> float | None:
+    """An eps given as a number or as ``"k/255"`` (``None`` when it is neither)."""
+    if isinstance(eps, (int, float)) and not isinstance(eps, bool):
+        return float(eps)
+    if isinstance(eps, str) and eps.count("/") == 1:
+        num, den = eps.split("/")
+        try:
+            return float(num) / float(den)
+        except (ValueError, ZeroDivisionError):
+            return None
+    return None
+
+
+def model_info_fields(model_info: DictConfig, evaluation: ModelEvaluation) -> dict[str, Any]:
+    """The descriptive RobustBench fields of one evaluated model: the MMA paper's for a released model
+    (:data:`PAPER_INFO`), the architecture of its model, ``additional_data: false`` and
+    ``number_forward_passes: 1`` (true of every model this package trains or loads), each replaced by
+    ``model_info``'s when given."""
+    fields: dict[str, Any] = {"additional_data": False, "number_forward_passes": 1,
+                              "architecture": evaluation.model_info.get("architecture")}
+    if evaluation.model_info.get("model_source") is not None:
+        fields.update(PAPER_INFO)
+    given = OmegaConf.to_container(model_info, resolve=True)
+    fields.update({str(k): v for k, v in given.items() if k not in ("enabled", "eps") and v is not None})
+    return fields
+
+
 def plan_checkpoints(cfg: DictConfig) -> list[Checkpoint]:
-    """The checkpoints of ``cfg`` with their run configs, labels and radii; every input error is raised here,
-    before any evaluation."""
+    """The checkpoints of ``cfg`` (or its released model, :func:`plan_released`) with their run configs,
+    labels and radii; every input error is raised here, before any evaluation."""
+    if cfg.get("model_file") is not None or cfg.get("model_source") is not None:
+        return [plan_released(cfg)]
+    if released_groups(cfg) != (False, False):
+        raise ValueError("data=<name> / norm=<name> choose the data and norm of a released model (with "
+                         "model_file=<file> model_source=<layout>); a checkpoint's come from its run's config: "
+                         "change them with +data.<key>=... / +method.<key>=...")
     paths = checkpoint_paths(cfg.get("ckpt_path"), cfg.get("ckpt_paths"))
     if cfg.get("run_config") is not None and len(paths) > 1:
         raise ValueError("run_config applies to one checkpoint (ckpt_path=...); with ckpt_paths each run's "
@@ -170,12 +258,86 @@ def plan_checkpoints(cfg: DictConfig) -> list[Checkpoint]:
     return checkpoints
 
 
+def released_groups(cfg: DictConfig) -> tuple[bool, bool]:
+    """Whether the ``data`` and the ``norm`` groups were chosen (``data=<name>``, ``norm=<name>``), as for a
+    released model; ``+data.<key>=...`` changes alone are not a choice."""
+    data = cfg.get("data") or {}
+    return "_target_" in data, cfg.get("norm") is not None
+
+
+def plan_released(cfg: DictConfig) -> Checkpoint:
+    """The released model of ``model_file`` / ``model_source`` as a :class:`Checkpoint`: its run config (the
+    data and method) from ``data=`` / ``norm=`` or ``run_config``, its model built by :func:`load_pretrained`
+    and checked to fit the data, its label (``names`` or the file's name) and radii. Every input error is
+    raised here, naming its key, before any evaluation."""
+    if cfg.get("ckpt_path") is not None or cfg.get("ckpt_paths") is not None:
+        raise ValueError("give either a released model (model_file=<file> model_source=<layout>) or "
+                         "checkpoints (ckpt_path / ckpt_paths), not both, got "
+                         f"model_file={cfg.get('model_file')!r}, ckpt_path={cfg.get('ckpt_path')!r} and "
+                         f"ckpt_paths={cfg.get('ckpt_paths')!r}")
+    source = cfg.get("model_source")
+    if source not in SOURCES:
+        raise ValueError(f"model_source must be one of {list(SOURCES)} (the layout of model_file: robustbench "
+                         "for RobustBench's Ding2020MMA.pt, mma_training for the authors' "
+                         f"trained_models/*/model_best.pt), got {source!r}")
+    file = cfg.get("model_file")
+    if file is None:
+        raise ValueError(f"model_source={source!r} needs the released model's file: model_file=<file>")
+    path = Path(str(file)).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"model_file: {str(file)!r}: no such file (expected a released model, e.g. "
+                                "Ding2020MMA.pt or trained_models/<name>/model_best.pt)")
+    run_cfg = released_run_config(cfg)
+    net = load_pretrained(path, source)
+    datamodule, module = build_run(run_cfg, net=net)
+    check_model_fits_data(module, datamodule)
+    default = path.stem if source == "robustbench" or not path.parent.name else path.parent.name
+    (name,) = checkpoint_names(cfg.get("names"), [path], [default])
+    return Checkpoint(path, name, run_cfg, *run_protocol(run_cfg, cfg.evaluation), source=source,
+                      released=net)
+
+
+def released_run_config(cfg: DictConfig) -> DictConfig:
+    """The run config (``data`` and ``method`` nodes) of a released model: ``data=`` / ``norm=`` with
+    ``released_method``, or ``run_config`` (an ``mma-train`` run's config.yaml), with the ``method`` changes
+    (and the ``data`` changes for a ``run_config``)."""
+    chosen = released_groups(cfg)
+    run_config = cfg.get("run_config")
+    if run_config is not None:
+        if any(chosen):
+            raise ValueError("give a released model's data and norm either as data=<name> norm=<name> or as "
+                             f"run_config=<file>, not both, got run_config={run_config!r}")
+        path = Path(str(run_config)).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"run_config: {str(run_config)!r}: no such file (an mma-train run's "
+                                    f"<run>/{RESOLVED_CONFIG})")
+        changes = {"data": cfg.get("data") or {}, "method": cfg.get("method") or {}}
+        return OmegaConf.merge(load_run_config(path), changes)  # type: ignore[return-value]
+    if not all(chosen):
+        missing = " and ".join(key for key, given in zip(("data", "norm"), chosen) if not given)
+        raise ValueError(f"model_file: the released model's {missing} is missing: add data=<name> norm=<name> "
+                         f"(data one of {config_options('data')}, norm one of {config_options('norm')}), e.g. "
+                         "data=mnist norm=linf, or run_config=<an mma-train run's config.yaml>")
+    method = OmegaConf.merge(OmegaConf.to_container(cfg.released_method, resolve=True), cfg.get("method") or {})
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    return OmegaConf.create({"data": data, "method": method})
+
+
+def config_options(group: str) -> list[str]:
+    """The options of one of the package's config groups (``conf/<group>/*.yaml``)."""
+    import mma_lightning.conf
+
+    folder = Path(mma_lightning.conf.__file__).parent / group
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
 def checkpoint_paths(ckpt_path: str | None, ckpt_paths: Sequence[str] | None) -> list[Path]:
     """The checkpoint files to evaluate: ``ckpt_path`` or ``ckpt_paths`` (exactly one given), each a file."""
     if (ckpt_path is None) == (ckpt_paths is None):
         raise ValueError("give the checkpoint to evaluate as ckpt_path=<file> or several to compare as "
                          f"ckpt_paths=[<file>,<file>] (exactly one of the two), got ckpt_path={ckpt_path!r} "
-                         f"and ckpt_paths={ckpt_paths!r}")
+                         f"and ckpt_paths={ckpt_paths!r}; or a released model as model_file=<file> "
+                         f"model_source=<{' | '.join(SOURCES)}> data=<name> norm=<name>")
     if ckpt_paths is not None and (not isinstance(ckpt_paths, (list, ListConfig)) or not ckpt_paths):
         raise ValueError(f"ckpt_paths must be a non-empty list of checkpoint files, got {ckpt_paths!r}")
     given = [str(ckpt_path)] if ckpt_path is not None else [str(p) for p in ckpt_paths or []]
@@ -296,10 +458,11 @@ def check_comparable(checkpoints: Sequence[Checkpoint]) -> None:
 def evaluate_checkpoint(ckpt: Checkpoint, evaluator: Callable[..., ModelEvaluation],
                         trainer: pl.Trainer | None, device: torch.device, *, max_samples: int | None = None,
                         cache_dir: str | None = None) -> tuple[ModelEvaluation, dict[str, float] | None]:
-    """Rebuild the run of ``ckpt``, load its weights, run the method's ``test_step`` (with a ``trainer``) and
-    the robustness evaluation on the same test points (the first ``max_samples`` of the test split)."""
-    datamodule, module = build_run(ckpt.run_cfg)
-    saved = load_weights(module, ckpt.path)
+    """Rebuild the run of ``ckpt``, load its weights (a released model: the method around the model
+    :func:`load_pretrained` built), run the method's ``test_step`` (with a ``trainer``) and the robustness
+    evaluation on the same test points (the first ``max_samples`` of the test split)."""
+    datamodule, module = build_run(ckpt.run_cfg, net=ckpt.released)
+    saved = {} if ckpt.released is not None else load_weights(module, ckpt.path)
     datamodule.setup("test")
     loader = datamodule.test_dataloader()
     if not loader:
@@ -309,8 +472,14 @@ def evaluate_checkpoint(ckpt: Checkpoint, evaluator: Callable[..., ModelEvaluati
         metrics = cached_test_split(trainer, module, first_points(loader, max_samples), ckpt, cache_dir)
     net = getattr(module, "net", module).to(device).eval()
     hp = ckpt.run_cfg.method
-    model_info = {"ckpt_path": str(ckpt.path.resolve()), "method": hp.get("_target_"),
-                  "global_step": saved.get("global_step"), "epoch": saved.get("epoch")}
+    architecture = architecture_name(getattr(net, "_orig_mod", net))
+    if ckpt.released is not None:
+        model_info = {"model_file": str(ckpt.path.resolve()), "model_source": ckpt.source,
+                      "method": hp.get("_target_"), "architecture": architecture}
+    else:
+        model_info = {"ckpt_path": str(ckpt.path.resolve()), "method": hp.get("_target_"),
+                      "architecture": architecture, "global_step": saved.get("global_step"),
+                      "epoch": saved.get("epoch")}
     data_info = {"dataset": getattr(datamodule, "dataset_name", ckpt.run_cfg.data.get("_target_")),
                  "split": "test", "data_dir": ckpt.run_cfg.data.get("data_dir")}
     log.info("evaluating %s (%s) on %s", ckpt.name, ckpt.path, device)
@@ -332,10 +501,11 @@ def first_points(loader: DataLoader, max_samples: int | None) -> DataLoader:
                       pin_memory=loader.pin_memory)
 
 
-def build_run(run_cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
-    """The datamodule and the method (with its backbone) described by a run's config."""
+def build_run(run_cfg: DictConfig,
+              net: nn.Module | None = None) -> tuple[pl.LightningDataModule, pl.LightningModule]:
+    """The datamodule and the method described by a run's config, with its own backbone or ``net``."""
     datamodule = instantiate(run_cfg.data)
-    module = instantiate(run_cfg.method)
+    module = instantiate(run_cfg.method) if net is None else instantiate(run_cfg.method, net=net)
     return datamodule, module
 
 

@@ -3,7 +3,8 @@
 :func:`write_report` takes one or several :class:`ModelEvaluation` (several checkpoints give one comparison
 table and one curve per model) and writes into ``out_dir``:
 
-- ``results.json``: every number with its settings, the model's and the data's identity, software versions;
+- ``results.json``: every number with its settings, the model's and the data's identity, software versions
+  and, when asked (``robustbench=``), each model's RobustBench ``model_info`` fields (:func:`robustbench_info`);
 - ``results.md``: the paper's table (Ding et al., ICLR 2020, Tables 1-2: clean accuracy, AvgAcc, AvgRobAcc and
   robust accuracy per eps), margin summaries, AutoAttack numbers and the sanity flags;
 - ``robust_accuracy.png`` (robust accuracy vs eps) and ``margins.png`` (histogram of per-sample margins).
@@ -21,7 +22,7 @@ import platform
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from matplotlib.figure import Figure
@@ -38,6 +39,13 @@ RESULTS_JSON = "results.json"
 TABLE_MARKDOWN = "results.md"
 ROBUST_ACCURACY_PNG = "robust_accuracy.png"
 MARGINS_PNG = "margins.png"
+ROBUSTBENCH_FIELDS = ("link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue",
+                      "architecture", "eps", "clean_acc", "reported", "autoattack_acc", "external", "footnote",
+                      "unreliable")
+"""The fields of RobustBench's ``model_info/<dataset>/<threat model>/<name>.json``, in its order."""
+ROBUSTBENCH_MEASURED = ("dataset", "eps", "clean_acc", "autoattack_acc")
+"""The fields :func:`robustbench_info` fills from the evaluation (the others are descriptive)."""
+ROBUSTBENCH_DATASETS = {"CIFAR10": "cifar10", "CIFAR100": "cifar100", "MNIST": "mnist"}
 
 
 @dataclass(frozen=True)
@@ -80,10 +88,70 @@ def verdict_line(evaluations: Sequence[ModelEvaluation]) -> str:
     return f"all sanity checks passed{tail}"
 
 
-def results_document(evaluations: Sequence[ModelEvaluation]) -> dict[str, Any]:
+def eps_index(grid: Sequence[float], eps: float) -> int | None:
+    """The position of ``eps`` in ``grid`` (to 1e-9), ``None`` when it is not on it."""
+    return next((k for k, e in enumerate(grid) if abs(e - eps) <= 1e-9 * max(1.0, abs(eps))), None)
+
+
+def _pct2(value: float) -> str:
+    return f"{100 * value:.2f}"
+
+
+def robustbench_info(e: ModelEvaluation, eps: float, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """RobustBench's ``model_info`` fields (:data:`ROBUSTBENCH_FIELDS`, RobustBench's formats: accuracies as
+    ``"84.36"``, eps as ``"8/255"``) of one evaluation at ``eps`` (a radius of its grid).
+
+    Measured here: ``dataset``, ``eps``, ``clean_acc`` and ``autoattack_acc`` (AutoAttack's robust accuracy
+    at ``eps``, ``None`` unless AutoAttack was run), plus ``pgd_acc`` (not a RobustBench field): the robust
+    accuracy at ``eps`` under this evaluation's PGD protocol. The ``footnote`` says which attack gave which
+    number on how many points (then ``fields["footnote"]``). Every other field is ``fields``' (``None`` when
+    unknown).
+    """
+    k = eps_index(e.pgd.eps_grid, eps)
+    if k is None:
+        raise ValueError(f"eps={eps!r} is not on the eps grid of {e.name} {list(e.pgd.eps_grid)}")
+    unknown = sorted(set(fields) - set(ROBUSTBENCH_FIELDS))
+    if unknown:
+        raise ValueError(f"{unknown[0]} is not a RobustBench model_info field; the fields are "
+                         f"{list(ROBUSTBENCH_FIELDS)}")
+    s = e.pgd.settings
+    dataset = str(e.data_info.get("dataset", "?"))
+    note = (f"Measured by mma-lightning {_software()['mma_lightning']} on {points_text(e)}: clean_acc, and "
+            f"pgd_acc = robust accuracy at eps {format_eps(eps)} under whitebox PGD (protocol {e.protocol}: "
+            f"{s['nb_iter']} steps of {s['step_fraction']:.4g}*eps, {_restarts(s['restarts'])} with each of "
+            f"{', '.join(s['losses'])}, worst case per sample)")
+    if e.autoattack is not None:
+        note += (f"; autoattack_acc: AutoAttack ({e.autoattack.settings.get('version')}, "
+                 f"{e.autoattack.settings.get('package')}) on the same points")
+    else:
+        note += "; AutoAttack was not run (evaluation.autoattack=true runs it), so autoattack_acc is null"
+    if e.flagged:
+        note += f"; FLAGGED by the sanity checks ({', '.join(e.sanity.failed)}): pgd_acc is likely overestimated"
+    given = fields.get("footnote")
+    measured: dict[str, Any] = {
+        "dataset": ROBUSTBENCH_DATASETS.get(dataset, dataset.lower()),
+        "eps": format_eps(eps),
+        "clean_acc": _pct2(e.pgd.clean_accuracy),
+        "autoattack_acc": None if e.autoattack is None else _pct2(e.autoattack.robust_accuracy[k]),
+        "footnote": f"{note}. {given}" if given else f"{note}.",
+    }
+    info = {key: measured[key] if key in measured else fields.get(key) for key in ROBUSTBENCH_FIELDS}
+    info["pgd_acc"] = _pct2(e.pgd.robust_accuracy[k])
+    return info
+
+
+def results_document(evaluations: Sequence[ModelEvaluation],
+                     robustbench: Mapping[str, tuple[float, Mapping[str, Any]]] | None = None) -> dict[str, Any]:
     """The content of ``results.json``: format tag, creation time, software versions, the report's verdict
-    (``flagged`` with the failed checks per model), one entry per model."""
+    (``flagged`` with the failed checks per model), one entry per model; with ``robustbench`` (by model name:
+    the eps and the descriptive fields of :func:`robustbench_info`) each model's entry also holds its
+    RobustBench ``model_info`` fields as ``robustbench``."""
     flagged = flagged_checks(evaluations)
+    models = [e.to_dict() for e in evaluations]
+    if robustbench is not None:
+        for entry, e in zip(models, evaluations):
+            eps, fields = robustbench[e.name]
+            entry["robustbench"] = robustbench_info(e, eps, fields)
     return {
         "format": RESULTS_FORMAT,
         "format_version": RESULTS_FORMAT_VERSION,
@@ -92,7 +160,7 @@ def results_document(evaluations: Sequence[ModelEvaluation]) -> dict[str, Any]:
         "flagged": bool(flagged),
         "flagged_checks": flagged,
         "verdict": verdict_line(evaluations),
-        "models": [e.to_dict() for e in evaluations],
+        "models": models,
     }
 
 
@@ -218,11 +286,14 @@ def _png_bytes(fig: Figure) -> bytes:
 
 
 def write_report(evaluations: Sequence[ModelEvaluation] | ModelEvaluation, out_dir: str | os.PathLike,
-                 title: str = "Robustness evaluation") -> ReportPaths:
+                 title: str = "Robustness evaluation",
+                 robustbench: Mapping[str, tuple[float, Mapping[str, Any]]] | None = None) -> ReportPaths:
     """Write ``results.json``, ``results.md``, ``robust_accuracy.png`` and ``margins.png`` into ``out_dir``.
 
     Several evaluations (e.g. one per checkpoint) give one comparison table and one curve per model; their
-    names must be distinct. AutoAttack results, when present, are drawn as dashed curves.
+    names must be distinct. AutoAttack results, when present, are drawn as dashed curves. ``robustbench``
+    (by model name: ``(eps, descriptive fields)``) adds each model's RobustBench ``model_info`` fields to
+    ``results.json`` (:func:`robustbench_info`; every model must have an entry).
     """
     evaluations = [evaluations] if isinstance(evaluations, ModelEvaluation) else list(evaluations)
     if not evaluations or not all(isinstance(e, ModelEvaluation) for e in evaluations):
@@ -230,6 +301,8 @@ def write_report(evaluations: Sequence[ModelEvaluation] | ModelEvaluation, out_d
     names = [e.name for e in evaluations]
     if len(set(names)) != len(names):
         raise ValueError(f"evaluation names must be distinct (they label table rows and curves), got {names}")
+    if robustbench is not None and set(robustbench) != set(names):
+        raise ValueError(f"robustbench must have one entry per evaluation {names}, got {sorted(robustbench)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = ReportPaths(out / RESULTS_JSON, out / TABLE_MARKDOWN, out / ROBUST_ACCURACY_PNG,
@@ -247,7 +320,7 @@ def write_report(evaluations: Sequence[ModelEvaluation] | ModelEvaluation, out_d
         grids = {e.pgd.eps_grid for e in evaluations if e.margins is not None}
         thresholds = next(iter(grids)) if len(grids) == 1 else ()
         margins_png = _png_bytes(margin_histogram_figure(with_margins, thresholds, subtitle=subtitle))
-    document = json.dumps(results_document(evaluations), indent=2, allow_nan=False).encode()
+    document = json.dumps(results_document(evaluations, robustbench), indent=2, allow_nan=False).encode()
 
     write_atomically(paths.results_json, document)
     write_atomically(paths.table_markdown, markdown_report(evaluations, title).encode())

@@ -33,6 +33,15 @@ from mma_lightning.models.wideresnet import WideResNet
 
 SOURCES = ("robustbench", "mma_training")
 """The accepted ``source=`` values of :func:`load_pretrained`."""
+PAPER_INFO: dict[str, object] = {
+    "link": "https://openreview.net/forum?id=HkeryxBtPB",
+    "name": "MMA Training: Direct Input Space Margin Maximization through Adversarial Training",
+    "authors": "Gavin Weiguang Ding, Yash Sharma, Kry Yik Chau Lui, Ruitong Huang",
+    "venue": "ICLR 2020",
+    "additional_data": False,
+    "number_forward_passes": 1,
+}
+"""What RobustBench's ``model_info`` says of the paper behind every released model (``Ding2020MMA.json``)."""
 
 # (published key pattern, this package's key) per layout; every key must match one rule.
 _WRN_BLOCK = r"(bn1|conv1|bn2|conv2)"
@@ -94,6 +103,19 @@ def load_pretrained(path_or_state_dict: str | Path | Mapping[str, object], sourc
         _load(lenet, mapped, source)
         model = nn.Sequential(PerImageStandardization(), lenet) if standardized else lenet
     return model.eval()
+
+
+def architecture_name(model: nn.Module) -> str:
+    """RobustBench's ``architecture`` label of a model: ``"WideResNet-28-4"`` (depth and width read from the
+    blocks), ``"LeNet5-Madry"``, else the class name (a ``Sequential`` of standardisation and a model: the
+    model's)."""
+    if isinstance(model, nn.Sequential) and len(model) == 2 and isinstance(model[0], PerImageStandardization):
+        model = model[1]
+    if isinstance(model, WideResNet):
+        return f"WideResNet-{6 * len(model.block1) + 4}-{model.block1[0].conv1.out_channels // 16}"
+    if isinstance(model, LeNet5Madry):
+        return "LeNet5-Madry"
+    return type(model).__name__
 
 
 def _state_dict(obj: str | Path | Mapping[str, object]) -> dict[str, Tensor]:

@@ -24,7 +24,7 @@ from test_resume import data, max_diff, module
 BIN = Path(sys.executable).parent
 
 
-class SendSignal(pl.Callback):
+class SendSignalLogic:
     """Test helper: sends ``signum`` to this process at the start of batch ``at_step``."""
 
     def __init__(self, signum: int, at_step: int) -> None:
@@ -33,6 +33,10 @@ class SendSignal(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:
         if trainer.global_step == self.at_step:
             os.kill(os.getpid(), self.signum)
+
+
+class SendSignal(SendSignalLogic, pl.Callback):
+    """For the pytorch_lightning Trainer."""
 
 
 def trainer(root: Path, steps: int, *callbacks: pl.Callback) -> pl.Trainer:
@@ -66,6 +70,39 @@ def test_signal_stops_after_the_step_and_the_resumed_run_is_exact(tmp_path: Path
     pl.seed_everything(0)
     trainer(tmp_path / "resumed", 8).fit(resumed, datamodule=data(), ckpt_path=str(last))
     assert max_diff(straight, resumed) == 0.0
+
+
+def test_stop_on_signal_under_a_lightning_pytorch_trainer(tmp_path: Path) -> None:
+    """The lightning.pytorch mirrors: SIGTERM during step 3 stops the run after it, last.ckpt (written through
+    the mirrored AtomicCheckpointIO) holds step 4, and lightning.pytorch's SIGTERMException ends fit."""
+    pytest.importorskip("lightning")
+    import lightning.pytorch as L
+    from lightning.pytorch.utilities.exceptions import SIGTERMException as LSIGTERMException
+
+    import mma_lightning.lightning as mml
+
+    class SendSignalL(SendSignalLogic, L.Callback):
+        """For the lightning.pytorch Trainer."""
+
+    pl.seed_everything(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    module = mml.MMAModule(net, max_eps=0.2, min_eps=0.02, nb_iter=2, search_steps=2, eval_eps=0.05,
+                           eval_nb_iter=2, eval_search_steps=2)
+    x, y = torch.rand(60, 1, 4, 4), torch.arange(60) % 3
+    dm = mml.data.TensorDataModule(x, y, val_size=0, batch_size=10, seed=7)
+    stop, io = mml.callbacks.StopOnSignal(), mml.checkpoint.AtomicCheckpointIO()
+    t = L.Trainer(accelerator="cpu", devices=1, max_steps=8, max_epochs=-1, logger=False,
+                  callbacks=[L.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True), stop,
+                             SendSignalL(signal.SIGTERM, at_step=3)],
+                  enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                  limit_val_batches=0, plugins=[io], default_root_dir=tmp_path)
+    assert t.strategy.checkpoint_io is io
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(LSIGTERMException):
+        t.fit(module, datamodule=dm)
+    assert stop.received == "SIGTERM" and stop.saved_path == str(tmp_path / "last.ckpt")
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 4
+    assert not list(tmp_path.glob("*.tmp")) and signal.getsignal(signal.SIGTERM) == before
 
 
 def test_atomic_checkpoint_io_keeps_the_old_file_when_a_write_fails(tmp_path: Path, monkeypatch) -> None:

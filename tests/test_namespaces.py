@@ -31,12 +31,18 @@ MIRRORS = [("mma_lightning", "mma_lightning.lightning"),
            ("mma_lightning.callbacks", "mma_lightning.lightning.callbacks"),
            ("mma_lightning.cli.checkpoint", "mma_lightning.lightning.checkpoint")]
 NAMESPACES = {"pytorch_lightning": (pl, mma_lightning), "lightning": (L, mml)}
-LIGHTNING_BASES = ("LightningModule", "LightningDataModule", "Callback")
+LIGHTNING_BASES = ("LightningModule", "LightningDataModule", "Callback", "plugins.CheckpointIO")
 DATAMODULE_FACTORIES = {"mnist5k_datamodule"}  # functions returning a datamodule: each namespace has its own
 
 
+def _base(ns: ModuleType, dotted: str) -> type:
+    for part in dotted.split("."):
+        ns = getattr(ns, part)
+    return ns  # type: ignore[return-value]
+
+
 def _is_lightning_class(obj: object, ns: ModuleType) -> bool:
-    return inspect.isclass(obj) and issubclass(obj, tuple(getattr(ns, b) for b in LIGHTNING_BASES))
+    return inspect.isclass(obj) and issubclass(obj, tuple(_base(ns, b) for b in LIGHTNING_BASES))
 
 
 def _public_classes(module: ModuleType) -> dict[str, object]:
@@ -65,7 +71,8 @@ def test_every_lightning_class_exists_in_both_namespaces_from_the_same_logic(def
         # Same code: each class adds nothing of its own to the shared logic class (its first base).
         logic = obj.__mro__[1]
         assert logic.__name__ == f"{name}Logic" and mirror.__mro__[1] is logic, name
-        own = {k for cls in (obj, mirror) for k in vars(cls) if not k.startswith("__")}
+        own = {k for cls in (obj, mirror) for k in vars(cls)
+               if not k.startswith("__") and k != "_abc_impl"}  # ABCMeta's bookkeeping (CheckpointIO)
         assert not own, f"{name} defines {own} outside its logic class"
     assert namespaced > 0
 
@@ -168,6 +175,17 @@ def test_every_method_fits_under_lightning_pytorch(name: str, tmp_path: Path) ->
     t = trainer(L, tmp_path, max_epochs=1, limit_val_batches=1, logger=False, enable_checkpointing=False)
     t.fit(module, datamodule=tiny_datamodule(mml))
     assert t.global_step == 4
+
+
+def test_each_trainer_takes_its_own_namespace_atomic_checkpoint_io(tmp_path: Path) -> None:
+    """A lightning.pytorch Trainer refuses the default plugin (a lightning_fabric CheckpointIO): the mirror."""
+    from mma_lightning.cli.checkpoint import AtomicCheckpointIO
+    from mma_lightning.lightning.checkpoint import AtomicCheckpointIO as LAtomicCheckpointIO
+
+    with pytest.raises(Exception, match="Found invalid type for plugin"):
+        trainer(L, tmp_path, logger=False, plugins=[AtomicCheckpointIO()])
+    for ns, io in ((L, LAtomicCheckpointIO()), (pl, AtomicCheckpointIO())):
+        assert trainer(ns, tmp_path, logger=False, plugins=[io]).strategy.checkpoint_io is io
 
 
 def test_best_and_last_checkpoint_under_lightning_pytorch(tmp_path: Path) -> None:

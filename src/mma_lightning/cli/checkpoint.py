@@ -9,6 +9,8 @@ Lightning considers saving (after validation or at epoch end) and when training 
 value.
 
 :class:`AtomicCheckpointIO` makes every checkpoint write atomic (``trainer.plugins`` in ``conf/trainer/default.yaml``).
+Both classes are namespace-free logic classes on this namespace's bases; ``mma_lightning.lightning.checkpoint``
+has them on ``lightning.pytorch``'s (whose ``Trainer`` refuses a ``lightning_fabric`` checkpoint plugin).
 """
 
 from __future__ import annotations
@@ -63,11 +65,12 @@ class BestAndLastCheckpoint(BestAndLastCheckpointLogic, ModelCheckpoint):
     """:class:`BestAndLastCheckpointLogic` on pytorch_lightning (the default namespace)."""
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's ``TorchCheckpointIO`` whose local writes are atomic and durable: the checkpoint goes to a
-    temporary file in the destination's folder, is flushed to disk (``fsync``), then ``os.replace``-d over the
-    destination and the folder is synced. A process killed at any moment (SIGKILL, power loss) leaves either the
-    previous file or the new one, never a truncated ``last.ckpt``.
+class AtomicCheckpointIOLogic:
+    """Lightning's ``TorchCheckpointIO`` (the class it is combined with) whose local writes are atomic and
+    durable: the checkpoint goes to a temporary file in the destination's folder, is flushed to disk
+    (``fsync``), then ``os.replace``-d over the destination and the folder is synced. A process killed at any
+    moment (SIGKILL, power loss) leaves either the previous file or the new one, never a truncated
+    ``last.ckpt``.
 
     (``TorchCheckpointIO`` writes through an fsspec transaction whose temporary file lives in the system's temp
     folder and is then moved, i.e. copied when that is another file system, without ``fsync``.) Remote paths
@@ -78,7 +81,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         """``torch.save`` to memory, then :func:`~mma_lightning.evaluation.atomic.write_atomically` (a temporary
         file beside ``path``, ``fsync``, ``os.replace``) and an ``fsync`` of the folder."""
         if "://" in str(path):
-            super().save_checkpoint(checkpoint, path, storage_options)
+            super().save_checkpoint(checkpoint, path, storage_options)  # type: ignore[misc]
             return
         if storage_options is not None:
             raise ValueError("storage_options is not supported for local checkpoints (AtomicCheckpointIO), "
@@ -89,6 +92,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         torch.save(checkpoint, buffer)
         write_atomically(target, buffer.getbuffer())
         _fsync_dir(target.parent)
+
+
+class AtomicCheckpointIO(AtomicCheckpointIOLogic, TorchCheckpointIO):
+    """:class:`AtomicCheckpointIOLogic` on ``lightning_fabric``'s ``TorchCheckpointIO`` (pytorch_lightning's)."""
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -22,7 +22,7 @@ except ImportError as err:  # pragma: no cover - depends on the installation
 
 import mma_lightning as _default
 from mma_lightning import *  # noqa: F401,F403  (the namespace-free names, re-exported unchanged)
-from mma_lightning.lightning import callbacks, data, evaluation, methods
+from mma_lightning.lightning import callbacks, checkpoint, data, evaluation, methods
 from mma_lightning.lightning.methods import (
     AdversarialModule,
     MMAModule,

@@ -1,19 +1,23 @@
 """``mma-eval`` on a released model file (issue 11, item 2): a random-weight state dict in the authors'
 ``mma_training`` LeNet5-Madry layout (as tests/test_pretrained.py builds it), saved as their
-``trained_models/<name>/model_best.pt`` holds it (``{"model": state_dict}``), evaluated with the data and norm
-chosen from ``mma-train``'s groups on Debian's Fashion-MNIST at a tiny size; the RobustBench ``model_info``
-fields in ``results.json``; and the command's bad-input cases (one message naming the key, nothing written).
+``trained_models/<name>/model_best.pt`` holds it (``{"model": state_dict}``), evaluated by the README's
+``mma-eval model_file=...`` line (its ``sh`` block; tests/test_readme.py runs the ``bash`` blocks, whose files
+exist in a fresh checkout) with overrides APPENDED as tests/test_readme.py does (Debian's Fashion-MNIST for
+MNIST, a tiny protocol); the RobustBench ``model_info`` fields in ``results.json``; the data and norm from a
+run config instead; and the command's bad-input cases (one message naming the key, nothing written).
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
 
 from mma_lightning.cli import eval as eval_cli
 from mma_lightning.evaluation.identity import model_identity
@@ -23,14 +27,31 @@ from test_pretrained import lenet_state_dict
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 pytestmark = pytest.mark.skipif(not FASHION.is_dir(), reason="needs Debian's dataset-fashion-mnist")
 
-RELEASED = "trained_models/fashion-Linf-MMA-0.45-sd0/model_best.pt"
-# What a user types (README), with the data read offline from Debian's files.
-COMMAND = [f"model_file={RELEASED}", "model_source=mma_training", "data=fashion_mnist", "norm=linf",
-           f"data.data_dir={FASHION}", "data.download=false"]
+README = Path(__file__).resolve().parents[1] / "README.md"
+NAME = "fashion-Linf-MMA-0.45-sd0"
+RELEASED = f"trained_models/{NAME}/model_best.pt"
+# The README's data read offline: Debian's Fashion-MNIST instead of a download of MNIST.
+OFFLINE = ["data=fashion_mnist", f"data.data_dir={FASHION}", "data.download=false"]
 # The evaluation made tiny: 20 test points, 2 PGD steps, no margin search nor sanity probes (tested elsewhere).
 TINY = ["evaluation=fast", "evaluation.max_samples=20", "evaluation.nb_iter=2", "evaluation.margins=false",
         "evaluation.sanity=false", "evaluation.progress=false", "data.num_workers=0",
         "trainer.enable_progress_bar=false"]
+
+
+def readme_command() -> list[str]:
+    """The README's ``mma-eval model_file=...`` line as overrides, ``<name>`` standing for :data:`NAME`."""
+    lines = [line for line in README.read_text().splitlines() if line.startswith("mma-eval model_file=")]
+    assert len(lines) == 1, f"README: expected one 'mma-eval model_file=' line, found {lines}"
+    return [word.replace("<name>", NAME) for word in shlex.split(lines[0])[1:]]
+
+
+def appended(overrides: list[str], extra: list[str]) -> list[str]:
+    """``overrides`` then ``extra``; a key of ``extra`` replaces the value ``overrides`` gave it."""
+    keys = {e.split("=", 1)[0].lstrip("+~") for e in extra}
+    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in keys] + extra
+
+
+COMMAND = appended(readme_command(), OFFLINE)
 
 
 def save_released(root: Path, seed: int = 0) -> Path:
@@ -53,12 +74,12 @@ def test_eval_a_released_model_file_writes_the_report_with_robustbench_fields(
     monkeypatch.chdir(tmp_path)
     path = save_released(tmp_path)
     out = tmp_path / "eval"
-    info = ["model_info.enabled=true",
-            f"cache_dir={tmp_path / 'cache'}"]
+    assert f"model_file={RELEASED}" in COMMAND and "model_info.enabled=true" in COMMAND
+    info = [f"cache_dir={tmp_path / 'cache'}"]
     (evaluation,) = run_eval(out, [*COMMAND, *TINY, *info])
     assert (out / "results.json").is_file() and (out / "results.md").is_file()
     (model,) = json.loads((out / "results.json").read_text())["models"]
-    assert model["name"] == "fashion-Linf-MMA-0.45-sd0"
+    assert model["name"] == NAME
     assert model["model"]["model_source"] == "mma_training"
     assert model["model"]["model_file"] == str(path.resolve())
     assert model["model"]["state_sha256"] == model_identity(load_pretrained(path, "mma_training"))["state_sha256"]
@@ -78,6 +99,26 @@ def test_eval_a_released_model_file_writes_the_report_with_robustbench_fields(
     save_released(tmp_path, seed=1)  # other weights in the same file: a new evaluation
     run_eval(tmp_path / "other", [*COMMAND, *TINY, *info])
     assert len(list((tmp_path / "cache").glob("evaluation-*.pt"))) == 2
+
+
+def test_eval_a_released_model_with_the_data_and_norm_of_a_run_config(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """``run_config=`` instead of ``data=`` / ``norm=``: the run's data and method (an L2 PGD-AT run here)."""
+    monkeypatch.chdir(tmp_path)
+    save_released(tmp_path)
+    with initialize_config_module(config_module="mma_lightning.conf", version_base="1.3"):
+        run = compose(config_name="train", overrides=["method=pgd_at", "norm=l2", *OFFLINE[1:]])
+    config = tmp_path / "run" / "config.yaml"
+    config.parent.mkdir()
+    config.write_text(OmegaConf.to_yaml(OmegaConf.create({"data": OmegaConf.to_container(run.data, resolve=True),
+                                                          "method": OmegaConf.to_container(run.method,
+                                                                                           resolve=True)})))
+    (evaluation,) = run_eval(tmp_path / "eval", [f"model_file={RELEASED}", "model_source=mma_training",
+                                                 f"run_config={config}", "evaluation.eps_grid=[1.0]",
+                                                 "cache_dir=null", *appended(TINY, ["+data.num_workers=0"])])
+    assert evaluation.pgd.norm == "l2" and evaluation.pgd.eps_grid == (1.0,)
+    assert evaluation.model_info["method"] == "mma_lightning.methods.PGDATModule"
+    assert evaluation.data_info["dataset"] == "FashionMNIST"
 
 
 # (id, overrides, text of the one message); the released file exists at RELEASED unless the case says so.

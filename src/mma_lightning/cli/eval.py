@@ -96,8 +96,9 @@ class Checkpoint:
 
 
 def evaluate(cfg: DictConfig) -> list[ModelEvaluation]:
-    """Evaluate the checkpoints of ``cfg`` (``ckpt_path`` or ``ckpt_paths``) and write the report into the
-    eval run directory; returns the evaluations in the order of the checkpoints."""
+    """Evaluate the checkpoints of ``cfg`` (``ckpt_path`` or ``ckpt_paths``, or the released ``model_file``)
+    and write the report into the eval run directory (with ``model_info.enabled``, each model's RobustBench
+    fields in ``results.json``); returns the evaluations in the order of the checkpoints."""
     device, run_test_step = check_command_settings(cfg)
     checkpoints = plan_checkpoints(cfg)
     info_eps = model_info_eps(cfg.get("model_info"), checkpoints)

@@ -333,6 +333,14 @@ def test_sanity_flags_fire_on_zero_gradient_model_and_stay_quiet_on_normal_one(
             assert report.passed, report.to_dict()
 
 
+def test_sanity_probe_is_limited_to_the_points_the_result_covers(fixed_model, fashion) -> None:
+    """evaluation.max_samples below probe_samples: the probes run on the result's 20 points (was an error)."""
+    x, y = fashion["x"][:100], fashion["y"][:100]
+    res = robust_accuracy(fixed_model, (x, y), "linf", [0.02, 0.05], nb_iter=5, restarts=1, max_samples=20)
+    report = gradient_masking_checks(fixed_model, (x, y), res, probe_samples=100)
+    assert report.settings["probe_samples"] == 20
+
+
 def test_monotone_check_flags_a_rising_curve() -> None:
     n = 100
     correct = torch.ones(n, dtype=torch.bool)

@@ -177,8 +177,9 @@ def gradient_masking_checks(
     base = {key: result.settings[key] for key in ("nb_iter", "restarts", "losses", "step_fraction",
                                                   "protocol_step_fraction", "rand_init", "clip_min",
                                                   "clip_max", "seed")}
-    common: dict[str, Any] = {"batch_size": batch_size, "max_samples": probe_samples, "shard": shard,
-                              "progress": progress}
+    # The probe set: the first points of the data, no more than the result covers (evaluation.max_samples).
+    common: dict[str, Any] = {"batch_size": batch_size, "max_samples": min(probe_samples, result.num_samples),
+                              "shard": shard, "progress": progress}
     checks = [check_monotone_in_eps(result, tolerance)]
 
     steps = base["nb_iter"] * steps_factor

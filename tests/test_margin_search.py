@@ -56,7 +56,9 @@ def test_refined_multiclass_linear_margins_within_two_percent(norm: str) -> None
     bisection = find_margin(model, x, y, search="bisection", **common)
     assert refined.success.all()
     ratio = refined.eps / exact
-    assert ratio.median() <= 1.02 and ratio.min() > 1 - 1e-5
+    # Never below the truth, up to float32 rounding: the steps land on the boundary itself, and x + delta is
+    # rounded to x's precision (1e-4 relative on the smallest margins here, 0.005).
+    assert ratio.median() <= 1.02 and ratio.min() > 1 - 1e-4
     assert (bisection.eps / exact).median() > 1.1  # the single ray alone is far off: the test can fail
 
 
@@ -76,7 +78,10 @@ def test_refined_cheap_budget_matches_bisection_with_half_the_forwards() -> None
 
 
 def test_bisection_replays_the_recorded_reference_search() -> None:
-    """Recorded before the refined search existed: the default search must stay bit for bit the same."""
+    """Recorded before the refined search existed: the default search must stay the same. The bisection's
+    eps and success are compared bit for bit; x_adv up to one float32 rounding (6e-8), since the L2 norms
+    behind the ray are reductions whose rounding depends on the CPU's vector width (seen: 71 of 864 entries
+    of one L2 case differ by one ulp on another Xeon)."""
     rec = torch.load(REPLAY)
     model = nn.Sequential(nn.Flatten(), nn.Linear(36, 16), nn.ReLU(), nn.Linear(16, 4))
     model.load_state_dict(rec["state_dict"])
@@ -94,7 +99,7 @@ def test_bisection_replays_the_recorded_reference_search() -> None:
                           generator=torch.Generator().manual_seed(5), **kwargs)
         want = rec["results"][name]
         assert torch.equal(res.eps, want["eps"]), name
-        assert torch.equal(res.x_adv, want["x_adv"]), name
+        torch.testing.assert_close(res.x_adv, want["x_adv"], rtol=0, atol=1.2e-7, msg=name)
         assert torch.equal(res.success, want["success"]), name
 
 

@@ -132,6 +132,16 @@ def test_steady_state_training_step_has_no_host_sync(method: str) -> None:
     assert len(guarded_train) == 2 and len(guarded_val) == 1
 
 
+def test_refined_search_training_step_has_no_host_sync() -> None:
+    """The refined search (root-finder, boundary step, FMN steps) in training and validation."""
+    module = MMAModule(tiny_net(), max_eps=0.2, min_eps=0.05, nb_iter=3, search="refined", eval_search="refined",
+                       **FAST_EVAL)
+    guarded_train = guard_after_first_call(module, "training_step")
+    guarded_val = guard_after_first_call(module, "validation_step")
+    fit(module)
+    assert len(guarded_train) == 2 and len(guarded_val) == 1
+
+
 def test_debug_checks_run_the_value_checks_on_every_step() -> None:
     """The switch is real: with ``debug_checks=True`` the attacks read values in every step (caught here),
     and the same checks ran on the first batch in the default mode (bad labels are reported there)."""

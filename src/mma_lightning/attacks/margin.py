@@ -34,6 +34,7 @@ from mma_lightning.attacks.checks import (
 )
 from mma_lightning.attacks.context import grad_enabled_outside_inference, model_mode, usable_for_autograd
 from mma_lightning.attacks.boundary import refine_on_boundary
+from mma_lightning.attacks.fmn import fmn_steps
 from mma_lightning.attacks.line_search import bisect_ray, point_on_ray, root_find_ray
 from mma_lightning.attacks.losses import SUCCESS_MARGINS, SUCCESS_TESTS, get_loss
 from mma_lightning.attacks.norms import Norm, get_norm, per_sample
@@ -92,7 +93,7 @@ def find_margin(
     clean_logits: Tensor | None = None,
     search: str = "bisection",
     root_steps: int = 3,
-    refine_steps: int = 4,
+    refine_steps: int = 6,
 ) -> MarginResult:
     """Estimate each sample's margin (distance to the decision boundary in ``norm``) by AN-PGD + bisection.
 
@@ -113,10 +114,12 @@ def find_margin(
             which points are already adversarial, saving one forward pass. Default: a fresh forward.
         search: what follows AN-PGD. ``"bisection"`` (default, the reference): ``search_steps`` bisection
             forwards along the PGD ray. ``"refined"`` (ours): a safeguarded root-finder on the margin along the
-            ray (``root_steps`` forwards), then ``refine_steps`` linearised steps onto the nearest boundary
-            (one forward + backward each, and one verification forward), keeping the smallest verified
-            adversarial point; the eps returned is that point's own distance. ``root_steps=5, refine_steps=0``
-            is the cheap budget: about as tight as the bisection with half its forwards.
+            ray (``root_steps`` forwards), then ``refine_steps`` steps of one forward + backward each: the
+            first a linearised step onto the nearest boundary (DeepFool / FAB, :mod:`.boundary`; exact on
+            linear models), the others FMN steps warm-started from the best point (:mod:`.fmn`), each stage
+            ending with a verification forward; the smallest verified adversarial point is kept and the eps
+            returned is its own distance. ``root_steps=5, refine_steps=0`` is the cheap budget: about as
+            tight as the bisection with half its forwards.
         root_steps, refine_steps: the ``"refined"`` search's budget (ignored by ``"bisection"``).
     """
     check_batch(x, y)
@@ -160,10 +163,14 @@ def find_margin(
             margin_fn = SUCCESS_MARGINS[success]
             hi, found, x_best = root_find_ray(model, x, y, direction, init, upper, root_steps, margin_fn, is_adv,
                                               margin_fn(clean_logits, y), clip_min, clip_max)
-            if refine_steps > 0:
+            scale = fp16_gradient_scale(x)
+            if refine_steps > 0:  # one linearised step onto the nearest boundary, then FMN steps
                 start = torch.where(per_sample(found, x), x_best, x_pgd)
-                x_best, found = refine_on_boundary(model, x, y, geometry, start, found, ~already, refine_steps,
-                                                   margin_fn, is_adv, clip_min, clip_max, fp16_gradient_scale(x))
+                x_best, found = refine_on_boundary(model, x, y, geometry, start, found, ~already, 1, margin_fn,
+                                                   is_adv, clip_min, clip_max, scale)
+            if refine_steps > 1:
+                x_best, found = fmn_steps(model, x, y, geometry, x_best, found, ~already, refine_steps - 1,
+                                          margin_fn, is_adv, clip_min, clip_max, scale)
             # The verified point's own distance (at most the ray parameter: the box clip only shortens it);
             # a point the boundary steps found beyond max_eps does not count.
             # (rounding: x + t u - x measures t only up to the rounding of x, 1e-4 relative for tiny t).

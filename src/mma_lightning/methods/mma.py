@@ -60,8 +60,9 @@ class MMAModuleLogic(AdversarialModuleLogic):
             the batch; running stats updated by every search forward). Default: eval mode.
         search: the margin search after AN-PGD, ``"bisection"`` (the reference; the paper presets) or
             ``"refined"`` (tighter margins for a small extra cost; see :func:`~mma_lightning.attacks.find_margin`).
-        root_steps, refine_steps: the ``"refined"`` search's budget (root-finder forwards along the PGD ray,
-            linearised boundary steps); ``root_steps=5, refine_steps=0`` is the cheap budget (the
+        root_steps, refine_steps: the ``"refined"`` search's budget (root-finder forwards along the PGD ray;
+            forward/backward steps after it: one linearised boundary step, then FMN steps);
+            ``root_steps=5, refine_steps=0`` is the cheap budget (the
             root-finder alone, half the bisection's search forwards).
         num_train_samples: size of the eps table; by default taken from the datamodule's
             ``num_train_samples`` or the training dataset's length when training starts.
@@ -85,7 +86,7 @@ class MMAModuleLogic(AdversarialModuleLogic):
         search_train_mode: bool = False,
         search: str = "bisection",
         root_steps: int = 3,
-        refine_steps: int = 4,
+        refine_steps: int = 6,
         num_train_samples: int | None = None,
         **kwargs: Unpack[SkeletonKwargs],
     ) -> None:

@@ -199,3 +199,23 @@ def test_refined_success_at_the_far_end_of_the_ray_is_a_verified_point() -> None
     assert (model(res.x_adv).argmax(1) != y).all()
     # eps is capped at max_eps; x + t u - x measures t up to the rounding of x (1e-4 relative here).
     assert (get_norm("linf").norm(res.x_adv - x) <= res.eps * (1 + 1e-3)).all()
+
+
+@pytest.mark.parametrize("norm, init, upper", [("linf", 0.02, 1.0), ("l2", 0.1, 5.0)])
+def test_refined_stages_only_tighten_and_the_fmn_steps_help(norm: str, init: float, upper: float) -> None:
+    """refine_steps=0 (root-finder), 1 (+ the boundary step), 6 (+ five FMN steps) from the same PGD ray:
+    each stage keeps the previous stage's verified point unless it finds a smaller one."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 5))
+    net.requires_grad_(False)
+    x = torch.rand(128, 20)
+    y = net(x).argmax(1)
+    res = {k: find_margin(net, x, y, norm=norm, init_eps=init, max_eps=upper, nb_iter=10, search="refined",
+                          refine_steps=k, generator=torch.Generator().manual_seed(0)) for k in (0, 1, 6)}
+    for r in res.values():
+        assert r.success.all()
+        assert (net(r.x_adv).argmax(1) != y).all()
+        assert (get_norm(norm).norm(r.x_adv - x) <= r.eps + 1e-6).all()
+    assert (res[1].eps <= res[0].eps).all() and (res[6].eps <= res[1].eps).all()
+    assert (res[6].eps / res[0].eps).median() < 0.95  # the refinement does something on a curved model
+    assert (res[6].eps < res[1].eps * (1 - 1e-3)).float().mean() > 0.2  # and so do the FMN steps

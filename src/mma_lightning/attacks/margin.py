@@ -15,6 +15,10 @@ the returned eps is the upper end of the final bracket, so a successful ``x_adv`
 pass verified adversarial (the reference returns the last midpoint); the search runs in eval mode unless
 ``search_train_mode=True`` (the reference's choice); success means ``argmax != y`` unless ``success="slm"``
 (the reference's training-time soft test, SLM >= 0).
+
+``search="refined"`` (ours, an option; the default stays the reference's) replaces stage 2: a root-finder on
+the margin along the ray (:mod:`.line_search`), one linearised step onto the nearest boundary
+(:mod:`.boundary`), then FMN steps warm-started from the best verified point (:mod:`.fmn`).
 """
 
 from __future__ import annotations

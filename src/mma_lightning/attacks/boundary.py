@@ -60,6 +60,27 @@ def min_norm_to_hyperplane(
     return torch.maximum(torch.minimum(d * per_sample(s, d), upper), lower)
 
 
+class SmallestAdversarial:
+    """Per sample, the verified adversarial point of smallest perturbation norm seen so far: the best-point rule
+    of FMN (Pintor et al., NeurIPS 2021) that the refined search's boundary and FMN steps share. ``point`` is
+    the start until a smaller candidate is offered, ``size`` its norm (inf where none is known), ``found``
+    whether there is one."""
+
+    def __init__(self, x: Tensor, start: Tensor, found: Tensor, start_norm: Tensor) -> None:
+        self.x = x
+        self.point = start.clone()
+        self.size = torch.where(found, start_norm, torch.full_like(start_norm, float("inf")))
+        self.found = found.clone()
+
+    def offer(self, cand: Tensor, cand_norm: Tensor, accept: Tensor) -> None:
+        """Keep ``cand`` (of norm ``cand_norm``) where ``accept`` (a forward pass verified it adversarial, in an
+        active row) and it is smaller than the point kept."""
+        better = accept & (cand_norm < self.size)
+        self.point = torch.where(per_sample(better, self.x), cand, self.point)
+        self.size = torch.where(better, cand_norm, self.size)
+        self.found = self.found | better
+
+
 def refine_on_boundary(
     model: nn.Module,
     x: Tensor,
@@ -85,11 +106,9 @@ def refine_on_boundary(
     """
     lower = None if clip_min is None else clip_min - x
     upper = None if clip_max is None else clip_max - x
-    best = start.clone()
-    best_norm = torch.where(found, norm.norm(start - x), torch.full_like(found, float("inf"), dtype=x.dtype))
-    found = found.clone()
+    kept = SmallestAdversarial(x, start, found, norm.norm(start - x))
     cand = start.detach()
-    reach = torch.ones_like(best_norm)  # trust region: the fraction of the way to the projection taken
+    reach = torch.ones_like(kept.size)  # trust region: the fraction of the way to the projection taken
     with model_mode(model, train=False), frozen_parameters(model):  # the input gradient only
         for k in range(steps + 1):
             if k == steps:
@@ -102,12 +121,8 @@ def refine_on_boundary(
                 (grad,) = torch.autograd.grad(h.sum() * gradient_scale, cand)
                 grad, h, cand = grad / gradient_scale, h.detach(), cand.detach()
             # Keep the candidate if verified adversarial and smaller (the first is the start itself).
-            cand_norm = norm.norm(cand - x)
             adv = is_adv(logits.detach(), y)
-            better = active & adv & (cand_norm < best_norm)
-            best = torch.where(per_sample(better, x), cand, best)
-            best_norm = torch.where(better, cand_norm, best_norm)
-            found = found | better
+            kept.offer(cand, norm.norm(cand - x), active & adv)
             if k == steps:
                 break
             # Linearised boundary h_k + <g, delta - delta_k> = 0, aimed a hair beyond: <g, delta> = target.
@@ -118,12 +133,13 @@ def refine_on_boundary(
             # Where the linearisation cannot be trusted (x already on its far side, or no gradient), shrink the
             # best point towards x instead, as FMN's radius decrease does.
             valid = (target > 0) & (flat_g.abs().sum(1) > 0)
-            shrunk = torch.where(per_sample(found, x), x + SHRINK * (best - x), cand)
+            shrunk = torch.where(per_sample(kept.found, x), x + SHRINK * (kept.point - x), cand)
             # Trust region: from the best point, the fraction ``reach`` of the way to the projection; doubled
             # after a verified candidate, halved after a failed one (where the margin curves away from its
             # linearisation). Before any adversarial point is known: the projection itself (DeepFool).
             reach = torch.where(adv, (2 * reach).clamp(max=1.0), reach / 2)
-            towards = torch.where(per_sample(found, x), best + per_sample(reach, x) * (x + step - best), x + step)
+            towards = torch.where(per_sample(kept.found, x),
+                                  kept.point + per_sample(reach, x) * (x + step - kept.point), x + step)
             nxt = clip_box(torch.where(per_sample(valid, x), towards, shrunk), clip_min, clip_max)
             cand = torch.where(per_sample(active, x), nxt, cand)
-    return best, found
+    return kept.point, kept.found

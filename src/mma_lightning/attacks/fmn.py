@@ -23,9 +23,10 @@ import math
 import torch
 from torch import Tensor, nn
 
+from mma_lightning.attacks.boundary import SmallestAdversarial
 from mma_lightning.attacks.context import frozen_parameters, model_mode
 from mma_lightning.attacks.line_search import AdvTest, LossFn
-from mma_lightning.attacks.norms import Norm, per_sample
+from mma_lightning.attacks.norms import Norm
 from mma_lightning.attacks.pgd import clip_box
 
 RADIUS_CHANGE = 0.3
@@ -58,12 +59,9 @@ def fmn_steps(
     point of smallest norm a forward pass verified adversarial, and whether there is one. Costs ``steps``
     forward/backward pairs and one verification forward, in eval mode.
     """
-    best = start.clone()
-    inf = torch.full_like(found, float("inf"), dtype=x.dtype)
-    best_norm = torch.where(found, norm.norm(start - x), inf)
-    found = found.clone()
     delta = (start - x).detach()
     eps = norm.norm(delta)
+    kept = SmallestAdversarial(x, start, found, eps)
     with model_mode(model, train=False), frozen_parameters(model):  # the input gradient only
         for k in range(steps + 1):
             if k == steps:
@@ -77,10 +75,7 @@ def fmn_steps(
                 grad, h, delta = grad / gradient_scale, h.detach(), delta.detach()
             # Keep the point if verified adversarial and smaller than the best so far.
             delta_norm = norm.norm(delta)
-            better = active & is_adv(logits.detach(), y) & (delta_norm < best_norm)
-            best = torch.where(per_sample(better, x), x + delta, best)
-            best_norm = torch.where(better, delta_norm, best_norm)
-            found = found | better
+            kept.offer(x + delta, delta_norm, active & is_adv(logits.detach(), y))
             if k == steps:
                 break
             decay = 0.5 * (1 + math.cos(math.pi * k / steps))
@@ -89,7 +84,7 @@ def fmn_steps(
             dual = (grad * norm.steepest_direction(grad)).flatten(1).sum(1)
             estimate = delta_norm - h / dual.clamp_min(1e-12)
             eps = torch.minimum(torch.maximum(estimate, (1 - gamma) * eps), (1 + gamma) * eps)
-            eps = torch.where(found, torch.minimum(eps, best_norm), eps)
+            eps = torch.where(kept.found, torch.minimum(eps, kept.size), eps)
             delta = delta + norm.step(grad, alpha * eps)
             delta = norm.project(clip_box(x + delta, clip_min, clip_max) - x, eps)
-    return best, found
+    return kept.point, kept.found

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from mma_lightning.attacks.context import frozen_parameters, model_mode
+from mma_lightning.attacks.gradients import input_gradient
 from mma_lightning.attacks.line_search import AdvTest, LossFn
 from mma_lightning.attacks.norms import Norm, per_sample
 from mma_lightning.attacks.pgd import clip_box
@@ -115,13 +116,10 @@ def refine_on_boundary(
                 with torch.no_grad():
                     logits = model(cand)
             else:
-                cand.requires_grad_(True)
-                logits = model(cand)
-                h = margin_fn(logits, y)
-                (grad,) = torch.autograd.grad(h.sum() * gradient_scale, cand)
-                grad, h, cand = grad / gradient_scale, h.detach(), cand.detach()
+                logits, h, grad = input_gradient(model, cand, lambda c: c, lambda z: margin_fn(z, y),
+                                                 gradient_scale)
             # Keep the candidate if verified adversarial and smaller (the first is the start itself).
-            adv = is_adv(logits.detach(), y)
+            adv = is_adv(logits, y)
             kept.offer(cand, norm.norm(cand - x), active & adv)
             if k == steps:
                 break

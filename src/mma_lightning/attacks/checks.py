@@ -33,8 +33,9 @@ def host_checks(enabled: bool) -> Iterator[None]:
 
 
 def host_checks_enabled() -> bool:
-    """Whether the value checks run here (see :func:`host_checks`)."""
-    return _HOST_CHECKS.get()
+    """Whether the value checks run here (see :func:`host_checks`); never inside ``torch.compile`` (a captured
+    step runs after its stage's first batch, whose eager step ran the checks)."""
+    return not torch.compiler.is_compiling() and _HOST_CHECKS.get()
 
 
 def check_batch(x: Tensor, y: Tensor) -> None:

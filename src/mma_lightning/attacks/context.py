@@ -12,6 +12,8 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
+from mma_lightning.attacks.gradients import traced
+
 
 @contextmanager
 def model_mode(model: nn.Module, train: bool) -> Iterator[None]:
@@ -36,8 +38,12 @@ def frozen_parameters(model: nn.Module) -> Iterator[None]:
     An attack needs the gradient to its input only. Eager autograd prunes the weight gradients anyway, but a
     ``torch.compile``d backbone (AOTAutograd) runs one fused backward that computes every gradient its
     inputs require: with frozen parameters that backward is the input gradient alone. ``.grad`` is never
-    touched.
+    touched. Under ``torch.compile`` or a ``torch.func`` transform, where ``requires_grad_`` cannot be
+    traced, nothing is changed: the attacks then take ``torch.func.grad`` (:mod:`.gradients`).
     """
+    if traced():  # torch.func.grad differentiates with respect to the input only (attacks.gradients)
+        yield
+        return
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
@@ -60,4 +66,6 @@ def grad_enabled_outside_inference() -> Iterator[None]:
 
 def usable_for_autograd(t: Tensor) -> Tensor:
     """A normal-tensor copy of an inference tensor (which autograd refuses to save); other tensors as they are."""
+    if traced():  # a compiled step gets normal tensors (its caller, mma_lightning.methods.capture, sees to it)
+        return t
     return t.clone() if t.is_inference() else t

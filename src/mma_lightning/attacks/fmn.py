@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from mma_lightning.attacks.boundary import SmallestAdversarial
 from mma_lightning.attacks.context import frozen_parameters, model_mode
+from mma_lightning.attacks.gradients import input_gradient
 from mma_lightning.attacks.line_search import AdvTest, LossFn
 from mma_lightning.attacks.norms import Norm
 from mma_lightning.attacks.pgd import clip_box
@@ -68,14 +69,11 @@ def fmn_steps(
                 with torch.no_grad():
                     logits = model(x + delta)
             else:
-                delta.requires_grad_(True)
-                logits = model(x + delta)
-                h = margin_fn(logits, y)
-                (grad,) = torch.autograd.grad(h.sum() * gradient_scale, delta)
-                grad, h, delta = grad / gradient_scale, h.detach(), delta.detach()
+                logits, h, grad = input_gradient(model, delta, lambda d: x + d, lambda z: margin_fn(z, y),
+                                                 gradient_scale)
             # Keep the point if verified adversarial and smaller than the best so far.
             delta_norm = norm.norm(delta)
-            kept.offer(x + delta, delta_norm, active & is_adv(logits.detach(), y))
+            kept.offer(x + delta, delta_norm, active & is_adv(logits, y))
             if k == steps:
                 break
             decay = 0.5 * (1 + math.cos(math.pi * k / steps))

@@ -41,7 +41,7 @@ from mma_lightning.attacks.boundary import refine_on_boundary
 from mma_lightning.attacks.fmn import fmn_steps
 from mma_lightning.attacks.line_search import bisect_ray, point_on_ray, root_find_ray
 from mma_lightning.attacks.losses import SUCCESS_MARGINS, SUCCESS_TESTS, get_loss
-from mma_lightning.attacks.norms import Norm, get_norm, per_sample
+from mma_lightning.attacks.norms import Norm, StartNoise, get_norm, per_sample
 from mma_lightning.attacks.pgd import LossFn, fp16_gradient_scale, pgd_iterates
 
 
@@ -98,6 +98,7 @@ def find_margin(
     search: str = "bisection",
     root_steps: int = 3,
     refine_steps: int = 6,
+    start_noise: StartNoise | None = None,
 ) -> MarginResult:
     """Estimate each sample's margin (distance to the decision boundary in ``norm``) by AN-PGD + bisection.
 
@@ -114,6 +115,8 @@ def find_margin(
         loss: PGD objective, default the soft logit margin as in the reference.
         success: ``"argmax"`` (misclassified) or ``"slm"`` (SLM >= 0, the reference's training test).
         generator: random source for PGD's random start.
+        start_noise: PGD's random start drawn beforehand (``norm``'s ``start_noise(x, generator)``), instead
+            of ``generator``: how a compiled step, where no generator can go, gets it.
         clean_logits: logits of ``x`` the caller already computed (MMA's training forward); they decide
             which points are already adversarial, saving one forward pass. Default: a fresh forward.
         search: what follows AN-PGD. ``"bisection"`` (default, the reference): ``search_steps`` bisection
@@ -156,7 +159,7 @@ def find_margin(
 
         with model_mode(model, train=False):
             x_pgd = pgd_iterates(model, x, y, geometry, init, nb_iter, step_scale * init / nb_iter, loss_fn,
-                                 rand_init, clip_min, clip_max, generator)
+                                 rand_init, clip_min, clip_max, generator, start_noise=start_noise)
         direction = (x_pgd - x) / per_sample(init, x)
 
         if search == "bisection":

@@ -14,6 +14,8 @@ from torch import Tensor
 
 NormName = Literal["linf", "l2"]
 NORM_NAMES: tuple[str, ...] = ("linf", "l2")
+StartNoise = tuple[Tensor, ...]
+"""The random draws of one random start (:meth:`Norm.start_noise`)."""
 
 
 def per_sample(v: Tensor, like: Tensor) -> Tensor:
@@ -38,11 +40,25 @@ class Norm:
         """Steepest-ascent step of per-sample length ``step_size`` (``[N]``) for this norm."""
         raise NotImplementedError
 
+    def start_noise(self, x: Tensor, generator: torch.Generator | None = None, boxed: bool = True) -> StartNoise:
+        """The random draws behind :meth:`random_init` (from ``generator``; ``boxed``: a box will be given).
+
+        Drawn apart from their use so that a compiled step, where a ``torch.Generator`` cannot go, gets them as
+        inputs: the draws, and so the module's random stream, are the same whether the step is compiled or not.
+        """
+        raise NotImplementedError
+
+    def start_from_noise(self, x: Tensor, eps: Tensor, noise: StartNoise, clip_min: float | None = None,
+                         clip_max: float | None = None) -> Tensor:
+        """The random start of :meth:`random_init` made from :meth:`start_noise`'s draws."""
+        raise NotImplementedError
+
     def random_init(self, x: Tensor, eps: Tensor, generator: torch.Generator | None = None,
                     clip_min: float | None = None, clip_max: float | None = None) -> Tensor:
         """A random start inside the ball of radius ``eps`` (same shape as ``x``), advertorch's
         ``rand_init_delta``; the box ``[clip_min, clip_max]`` (``None``: no box) is the L2 start's support."""
-        raise NotImplementedError
+        noise = self.start_noise(x, generator, boxed=clip_min is not None)
+        return self.start_from_noise(x, eps, noise, clip_min, clip_max)
 
     def steepest_direction(self, grad: Tensor) -> Tensor:
         """The unit-norm direction ``d`` maximising ``<grad, d>`` (sign for Linf, ``grad / ||grad||_2`` for L2)."""
@@ -67,10 +83,14 @@ class LinfNorm(Norm):
     def step(self, grad: Tensor, step_size: Tensor) -> Tensor:
         return per_sample(step_size, grad) * grad.sign()
 
-    def random_init(self, x: Tensor, eps: Tensor, generator: torch.Generator | None = None,
-                    clip_min: float | None = None, clip_max: float | None = None) -> Tensor:
+    def start_noise(self, x: Tensor, generator: torch.Generator | None = None, boxed: bool = True) -> StartNoise:
+        """One uniform draw per coordinate."""
+        return (torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype),)
+
+    def start_from_noise(self, x: Tensor, eps: Tensor, noise: StartNoise, clip_min: float | None = None,
+                         clip_max: float | None = None) -> Tensor:
         """Uniform in the cube ``[-eps, eps]^d`` (advertorch: ``delta.uniform_(-eps, eps)``)."""
-        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        (u,) = noise
         return (2 * u - 1) * per_sample(eps, x)
 
     def steepest_direction(self, grad: Tensor) -> Tensor:
@@ -94,18 +114,24 @@ class L2Norm(Norm):
         scale = step_size / self.norm(grad).clamp_min(self.tiny)
         return grad * per_sample(scale, grad)
 
-    def random_init(self, x: Tensor, eps: Tensor, generator: torch.Generator | None = None,
-                    clip_min: float | None = None, clip_max: float | None = None) -> Tensor:
+    def start_noise(self, x: Tensor, generator: torch.Generator | None = None, boxed: bool = True) -> StartNoise:
+        """One uniform draw per coordinate (a point of the box); without a box, a Gaussian per coordinate and
+        a uniform radius draw per sample."""
+        if boxed:
+            return (torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype),)
+        g = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return g, torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype)
+
+    def start_from_noise(self, x: Tensor, eps: Tensor, noise: StartNoise, clip_min: float | None = None,
+                         clip_max: float | None = None) -> Tensor:
         """advertorch's L2 ``rand_init_delta`` (the MMA reference's start): a uniform random point of the box
         minus ``x``, shrunk into the ball of radius ``eps`` (so on images it starts on the sphere). Without a
         box (``None``), uniform in the ball (Gaussian direction, radius ``eps * U^(1/d)``)."""
         if clip_min is not None and clip_max is not None:
-            u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            (u,) = noise
             return self.project(clip_min + (clip_max - clip_min) * u - x, eps)
-        g = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        d = x[0].numel()
-        u = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype)
-        radius = eps * u.pow(1.0 / d)
+        g, u = noise
+        radius = eps * u.pow(1.0 / x[0].numel())
         return g * per_sample(radius / self.norm(g).clamp_min(self.tiny), x)
 
     def steepest_direction(self, grad: Tensor) -> Tensor:

@@ -21,8 +21,9 @@ from mma_lightning.attacks.context import (
     model_mode,
     usable_for_autograd,
 )
+from mma_lightning.attacks.gradients import input_gradient
 from mma_lightning.attacks.losses import get_loss
-from mma_lightning.attacks.norms import Norm, get_norm
+from mma_lightning.attacks.norms import Norm, StartNoise, get_norm
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -64,6 +65,7 @@ def pgd(
     clip_max: float | None = 1.0,
     train_mode: bool = False,
     generator: torch.Generator | None = None,
+    start_noise: StartNoise | None = None,
 ) -> Tensor:
     """Untargeted PGD in the ``norm`` ball of per-sample radius ``eps``; returns the adversarial batch.
 
@@ -78,6 +80,8 @@ def pgd(
         rand_init: start uniformly inside the ball (then clip to the box), as advertorch's ``rand_init``.
         clip_min, clip_max: the data box; ``None`` for both means no box.
         generator: random source for the start, for reproducible restarts.
+        start_noise: the random start's draws made beforehand (``norm``'s ``start_noise(x, generator)``), used
+            instead of ``generator``: how a compiled step, where no generator can go, gets its random start.
     """
     check_batch(x, y)
     check_positive_int("nb_iter", nb_iter, minimum=0)
@@ -90,7 +94,7 @@ def pgd(
         x, y = usable_for_autograd(x), usable_for_autograd(y)
         with model_mode(model, train=train_mode):
             return pgd_iterates(model, x, y, geometry, eps_t, nb_iter, steps, loss_fn,
-                                rand_init, clip_min, clip_max, generator, check_y=True)
+                                rand_init, clip_min, clip_max, generator, check_y=True, start_noise=start_noise)
 
 
 def pgd_iterates(
@@ -107,25 +111,33 @@ def pgd_iterates(
     clip_max: float | None,
     generator: torch.Generator | None = None,
     check_y: bool = False,
+    start_noise: StartNoise | None = None,
 ) -> Tensor:
     """The PGD loop itself, on validated per-sample tensors; the model's mode is the caller's business.
 
     ``check_y``: check the labels against the first forward's logits (:func:`check_labels`, which reads
     them only while host checks are on), instead of an extra forward to count the classes.
+    ``start_noise``: the random start's draws (:meth:`Norm.start_noise`) instead of drawing from ``generator``.
     Returns ``x + delta_K`` (detached). No host synchronisation and no parameter gradients.
     """
     x = x.detach()
     scale = fp16_gradient_scale(x)
-    delta = norm.random_init(x, eps, generator, clip_min, clip_max) if rand_init else torch.zeros_like(x)
+    if rand_init:
+        noise = start_noise if start_noise is not None else norm.start_noise(x, generator, clip_min is not None)
+        delta = norm.start_from_noise(x, eps, noise, clip_min, clip_max)
+    else:
+        delta = torch.zeros_like(x)
     delta = norm.project(clip_box(x + delta, clip_min, clip_max) - x, eps)
     with frozen_parameters(model):  # the input gradient only (a compiled backward computes all it may)
         for i in range(nb_iter):
-            delta.requires_grad_(True)
-            logits = model(x + delta)
-            if check_y and i == 0:
-                check_labels(y, logits.shape[1])
-            objective = loss_fn(logits, y).sum() * scale
-            (grad,) = torch.autograd.grad(objective, delta)
-            delta = delta.detach() + norm.step(grad, step_size)
+            check_now = check_y and i == 0
+
+            def objective(logits: Tensor, check_now: bool = check_now) -> Tensor:
+                if check_now:  # before the loss indexes the logits with the labels
+                    check_labels(y, logits.shape[1])
+                return loss_fn(logits, y)
+
+            _, _, grad = input_gradient(model, delta, lambda d: x + d, objective, scale)
+            delta = delta + norm.step(grad, step_size)
             delta = norm.project(clip_box(x + delta, clip_min, clip_max) - x, eps)
     return (x + delta).detach()

@@ -13,6 +13,7 @@ for their own gradient computations (lightning-notes 2), so no ``Trainer`` flag 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from typing import Any, Callable, Iterable
@@ -28,8 +29,10 @@ from torchmetrics import MeanMetric
 from mma_lightning.attacks import find_margin, get_norm
 from mma_lightning.attacks.losses import LOSSES
 from mma_lightning.attacks.margin import check_search
-from mma_lightning.attacks.checks import host_checks
+from mma_lightning.attacks.checks import check_batch, check_labels, host_checks, host_checks_enabled
+from mma_lightning.attacks.context import model_mode
 from mma_lightning.attacks.norms import NORM_NAMES
+from mma_lightning.methods.capture import CapturedStep, check_compile_step
 from mma_lightning.methods.random_state import CHECKPOINT_KEY as RANDOM_STREAMS_KEY
 from mma_lightning.methods.random_state import RandomStreams
 
@@ -58,6 +61,7 @@ class SkeletonKwargs(TypedDict, total=False):
     clip_min: float | None
     clip_max: float | None
     compile: bool | dict[str, Any]
+    compile_step: bool | dict[str, Any]
     channels_last: bool
     debug_checks: bool
 
@@ -91,6 +95,11 @@ class AdversarialModuleLogic:
             ``True`` for the defaults, or a dict of ``torch.compile`` keyword arguments. Off by default
             (lightning-notes 7); every forward of the step keeps its batch shape, so after warm-up nothing
             recompiles.
+        compile_step: capture the whole training step (clean forward, attacks, margin search, loss) and the
+            validation's attack: ``torch.compile(fullgraph=True, dynamic=False)`` of the method's step
+            function, on CUDA with ``mode="reduce-overhead"`` (CUDA graphs; :mod:`.capture`). ``True``, or a dict
+            of ``torch.compile`` arguments. The first batch of each stage runs eagerly (value checks); a later
+            training batch of another size is skipped (one warning), an evaluation batch is padded.
         channels_last: store the backbone's 4-D weights and every 4-D input batch in ``channels_last``
             memory format (faster convolutions under bf16 on recent GPUs).
         debug_checks: run the attacks' value checks (finite inputs, label range, radii: one host sync
@@ -118,6 +127,7 @@ class AdversarialModuleLogic:
         clip_min: float | None = 0.0,
         clip_max: float | None = 1.0,
         compile: bool | dict[str, Any] = False,
+        compile_step: bool | dict[str, Any] = False,
         channels_last: bool = False,
         debug_checks: bool = False,
     ) -> None:
@@ -138,6 +148,7 @@ class AdversarialModuleLogic:
             raise ValueError(f"eval_max_eps must be >= eval_eps ({eval_eps}), got {eval_max_eps!r}")
         if not isinstance(compile, (bool, Mapping)):  # a Hydra DictConfig is a Mapping
             raise ValueError(f"compile must be a bool or a dict of torch.compile arguments, got {compile!r}")
+        check_compile_step(compile_step)
         # Factories are kept as attributes: hparams must stay picklable (a lambda would be dropped from them).
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
         # LightningCLI hands save_hyperparameters the parsed arguments only, without the defaults of the
@@ -164,6 +175,11 @@ class AdversarialModuleLogic:
             {stage: nn.ModuleDict({name: MeanMetric(nan_strategy="disable")
                                    for name in ("acc", "robust_acc", "avg_eps", "loss")}) for stage in EVAL_STAGES}
         )
+        option = {} if compile_step is True else compile_step  # kept as given: a DictConfig stays picklable
+        self._train_graph = CapturedStep(self._train_graph_fn, option) if compile_step is not False else None
+        self._eval_graph = CapturedStep(self._eval_graph_fn, option) if compile_step is not False else None
+        self._captured_batch: dict[str, int] = {}  # the batch size each stage's graph takes
+        self._skip_warned: set[str] = set()
 
     def default_eval_max_eps(self) -> float:
         """Upper end of the validation margin search when ``eval_max_eps`` is not given: ``4 * eval_eps``."""
@@ -174,17 +190,76 @@ class AdversarialModuleLogic:
         return self.net(x)
 
     # --- training -----------------------------------------------------------------------------------------
-    def training_loss(self, x: Tensor, y: Tensor, index: Tensor | None) -> Tensor:
-        """The method's scalar training loss for one batch (it logs its own statistics)."""
+    def step_inputs(self, x: Tensor, y: Tensor, index: Tensor | None) -> dict[str, Any]:
+        """What one training step needs besides the batch, made eagerly before it: random draws from the
+        module's generator, table lookups (a compiled step cannot hold them; :mod:`.capture`). None here."""
+        return {}
+
+    def step_loss(self, net: nn.Module, hp: Any, x: Tensor, y: Tensor,
+                  inputs: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The method's training step as a function of tensors: ``(loss, outputs)``, where ``outputs`` holds
+        every per-sample statistic of :attr:`train_stat_names` (and whatever :meth:`record_step` needs).
+
+        ``net`` is the backbone and ``hp`` the settings (``self.hparams``). No logging, no table updates, no
+        generator, no host reads: with ``compile_step`` this function is compiled whole (``fullgraph=True``).
+        """
         raise NotImplementedError
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """One scalar loss for Lightning's automatic optimisation (lightning-notes 1)."""
+    def record_step(self, index: Tensor | None, outputs: dict[str, Tensor]) -> None:
+        """After the step, eagerly: log ``train/<name>`` for every statistic of :attr:`train_stat_names`."""
+        for name in self.train_stat_names:
+            self.log_train_stat(name, outputs[name])
+
+    def training_loss(self, x: Tensor, y: Tensor, index: Tensor | None) -> Tensor:
+        """The method's scalar training loss for one batch: :meth:`step_inputs`, :meth:`step_loss` (with
+        ``compile_step``: through the captured graph, after :meth:`check_batch_values`) and :meth:`record_step`."""
+        inputs = self.step_inputs(x, y, index)
+        if self._train_graph is None:
+            loss, outputs = self.step_loss(self.net, self.hparams, x, y, inputs)
+        else:
+            self.check_batch_values(x, y)
+            loss, outputs = self._train_graph(x.device, x, y, inputs)
+        self.record_step(index, outputs)
+        return loss
+
+    def check_batch_values(self, x: Tensor, y: Tensor) -> None:
+        """With ``compile_step``, the value checks the eager attacks make on a stage's first batch (finite
+        inputs, labels within the model's logits), made before the graph, which cannot read values; a no-op
+        outside the first batch (unless ``debug_checks``). The label check forwards one sample in eval mode."""
+        if not host_checks_enabled():
+            return
+        check_batch(x, y)
+        with torch.no_grad(), model_mode(self.net, train=False):
+            check_labels(y, self.net(x[:1]).shape[1])
+
+    def _train_graph_fn(self, x: Tensor, y: Tensor, inputs: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.step_loss(self.net, self.hparams, x, y, inputs)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        """One scalar loss for Lightning's automatic optimisation (lightning-notes 1); ``None`` (the batch is
+        skipped) for a batch whose size the captured step does not take."""
         x, y, index = _unpack(batch)
+        if not self._fits_captured_batch("train", x.shape[0]):
+            return None
         with self.host_checks_for("train"):
             loss = self.training_loss(self.as_input(x), y, index)
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def _fits_captured_batch(self, stage: str, size: int) -> bool:
+        """``compile_step``: the first batch of ``stage`` fixes the graph's batch size; a training batch of
+        another size is skipped (warned once), since a new shape would compile a new graph."""
+        if self._train_graph is None:
+            return True
+        captured = self._captured_batch.setdefault(stage, size)
+        if size == captured:
+            return True
+        if stage not in self._skip_warned:
+            self._skip_warned.add(stage)
+            warnings.warn(f"compile_step: a training batch of {size} samples is skipped (the captured step takes "
+                          f"{captured}); use a loader with drop_last=True (the library's datamodules drop the short "
+                          "last batch)", stacklevel=2)
+        return False
 
     def log_train_stat(self, name: str, value: Tensor) -> None:
         """Log ``train/<name>``, a per-sample statistic averaged by its torchmetrics ``MeanMetric``."""
@@ -231,24 +306,54 @@ class AdversarialModuleLogic:
     def _eval_step(self, batch: Any, stage: str) -> Tensor:
         x, y, _ = _unpack(batch)
         x = self.as_input(x)
+        n = x.shape[0]
         hp = self.hparams
-        logits = self.net(x)
+        if self._eval_graph is not None:
+            self._captured_batch.setdefault("eval", n)  # the first evaluation batch fixes the graph's size
+        noise_generator = self.random_streams.eval_generator(self.device)
         with self.host_checks_for(stage):
-            res = find_margin(self.net, x, y, self.norm, init_eps=hp.eval_eps, max_eps=self.eval_max_eps,
-                              nb_iter=hp.eval_nb_iter, search_steps=hp.eval_search_steps, loss=hp.eval_loss,
-                              step_scale=hp.eval_step_scale, clip_min=hp.clip_min, clip_max=hp.clip_max,
-                              clean_logits=logits, search=hp.eval_search,
-                              generator=self.random_streams.eval_generator(self.device))
+            if self._eval_graph is None:
+                noise = get_norm(self.norm).start_noise(x, noise_generator, boxed=hp.clip_min is not None)
+                outputs = self.eval_outputs(self.net, x, y, noise)
+            else:
+                self.check_batch_values(x, y)
+                x, y = self._padded(x, y)
+                noise = get_norm(self.norm).start_noise(x, noise_generator, boxed=hp.clip_min is not None)
+                with torch.inference_mode(False):  # the graph takes normal tensors (attacks.context)
+                    x, y = x.clone(), y.clone()
+                    noise = tuple(t.clone() for t in noise)
+                    outputs = self._eval_graph(x.device, x, y, noise)
+        metrics = self.eval_metrics[stage]
+        for name, metric in metrics.items():
+            metric.update(outputs[name][:n])  # the batch's own rows, not the padding
+            self.log(f"{stage}/{name}", metric, prog_bar=name != "loss")
+        return outputs["avg_eps"][:n].detach()
+
+    def eval_outputs(self, net: nn.Module, x: Tensor, y: Tensor, noise: tuple[Tensor, ...]) -> dict[str, Tensor]:
+        """Per-sample ``acc``, ``robust_acc`` (PGD at ``eval_eps``), ``avg_eps`` (the margin estimate) and
+        ``loss`` (clean CE) of one evaluation batch, as a function of tensors (captured with ``compile_step``);
+        ``noise``: PGD's random start, drawn from the evaluation generator."""
+        hp = self.hparams
+        logits = net(x)
+        res = find_margin(net, x, y, self.norm, init_eps=hp.eval_eps, max_eps=self.eval_max_eps,
+                          nb_iter=hp.eval_nb_iter, search_steps=hp.eval_search_steps, loss=hp.eval_loss,
+                          step_scale=hp.eval_step_scale, clip_min=hp.clip_min, clip_max=hp.clip_max,
+                          clean_logits=logits, search=hp.eval_search, start_noise=noise)
         # PGD at eval_eps succeeded iff the bisection's bracket ends at or below eval_eps.
         robust = ~res.success | (res.eps > hp.eval_eps)
-        metrics = self.eval_metrics[stage]
-        metrics["acc"].update((logits.argmax(1) == y).float())
-        metrics["robust_acc"].update(robust.float())
-        metrics["avg_eps"].update(res.eps)
-        metrics["loss"].update(F.cross_entropy(logits.float(), y, reduction="none"))
-        for name, metric in metrics.items():
-            self.log(f"{stage}/{name}", metric, prog_bar=name != "loss")
-        return res.eps.detach()
+        return {"acc": (logits.argmax(1) == y).float(), "robust_acc": robust.float(), "avg_eps": res.eps,
+                "loss": F.cross_entropy(logits.float(), y, reduction="none")}
+
+    def _eval_graph_fn(self, x: Tensor, y: Tensor, noise: tuple[Tensor, ...]) -> dict[str, Tensor]:
+        return self.eval_outputs(self.net, x, y, noise)
+
+    def _padded(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """An evaluation batch padded to the captured graph's batch size (the first evaluation batch's) with
+        copies of its first row, which the metrics leave out; a larger batch stays as it is (a new graph)."""
+        pad = self._captured_batch["eval"] - x.shape[0]
+        if pad <= 0:
+            return x, y
+        return torch.cat([x, x[:1].expand(pad, *x.shape[1:])]), torch.cat([y, y[:1].expand(pad)])
 
     # --- host checks and memory format -------------------------------------------------------------------
     def host_checks_for(self, stage: str) -> AbstractContextManager[None]:

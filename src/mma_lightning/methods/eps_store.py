@@ -55,5 +55,5 @@ class EpsStore(nn.Module):
     def update(self, index: Tensor, eps: Tensor) -> None:
         """Write ``eps[i]`` at ``index[i]``. Duplicate indices (``DistributedSampler`` padding) resolve to
         their maximum: order-independent, so every rank holding the same gathered updates ends identical."""
-        self.eps.scatter_reduce_(0, index.reshape(-1).long(), eps.reshape(-1).to(self.eps.dtype),
+        self.eps.scatter_reduce_(0, index.reshape(-1).long(), eps.detach().reshape(-1).to(self.eps.dtype),
                                  reduce="amax", include_self=False)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import Unpack
 
-from mma_lightning.attacks import find_margin, soft_logit_margin
+from mma_lightning.attacks import find_margin, get_norm, soft_logit_margin
 from mma_lightning.attacks.checks import check_positive_int
 from mma_lightning.attacks.losses import SUCCESS_TESTS
 from mma_lightning.attacks.margin import check_search
@@ -100,6 +100,10 @@ class MMAModuleLogic(AdversarialModuleLogic):
         check_positive_int("nb_iter", nb_iter)
         check_positive_int("search_steps", search_steps)
         check_search(search, root_steps, refine_steps, search_train_mode)
+        if search_train_mode and kwargs.get("compile_step", False) is not False:
+            raise ValueError("compile_step needs search_train_mode=False: the reference's train-mode search "
+                             "forwards the correctly classified rows only, a batch of data-dependent size that "
+                             "a captured graph cannot hold")
         if num_train_samples is not None and num_train_samples < 1:
             raise ValueError(f"num_train_samples must be a positive integer or None, got {num_train_samples!r}")
         super().__init__(net, norm=norm, **kwargs)
@@ -121,8 +125,9 @@ class MMAModuleLogic(AdversarialModuleLogic):
                              "num_train_samples must match the training data of the checkpoint")
 
     # --- the MMA step ---------------------------------------------------------------------------------------
-    def training_loss(self, x: Tensor, y: Tensor, index: Tensor | None) -> Tensor:
-        """``(1 - c) * L_mma + c * L_clean`` for one batch (reference step 1-7; eps table updated)."""
+    def step_inputs(self, x: Tensor, y: Tensor, index: Tensor | None) -> dict[str, Any]:
+        """Before the step (eagerly): each sample's starting eps from the eps table, ``max(min_eps, stored)``
+        (reference step 3a), and AN-PGD's random start drawn from the module's generator."""
         if index is None:
             raise ValueError("MMAModule needs training batches (x, y, index): wrap the dataset in "
                              "mma_lightning.data.IndexedDataset so each sample carries its dataset index")
@@ -133,38 +138,51 @@ class MMAModuleLogic(AdversarialModuleLogic):
             self.eps_store.check_index(index)
             self._index_checked = True
         hp = self.hparams
-        upper = SEARCH_UPPER_FACTOR * hp.max_eps
+        init_eps = self.eps_store.lookup(index).to(x.dtype).clamp(min=hp.min_eps,
+                                                                  max=SEARCH_UPPER_FACTOR * hp.max_eps)
+        noise = get_norm(self.norm).start_noise(x, self.attack_generator, boxed=hp.clip_min is not None)
+        return {"init_eps": init_eps, "start_noise": noise}
 
+    def step_loss(self, net: nn.Module, hp: Any, x: Tensor, y: Tensor,
+                  inputs: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(1 - c) * L_mma + c * L_clean`` for one batch (reference steps 1-6); ``outputs["new_eps"]`` is what
+        :meth:`record_step` stores in the eps table (step 7)."""
+        upper = SEARCH_UPPER_FACTOR * hp.max_eps
+        c = hp.clean_loss_coeff
         # OMMA (c = 0): the clean loss has no weight, so its forward builds no graph (no wasted backward).
-        with torch.set_grad_enabled(torch.is_grad_enabled() and hp.clean_loss_coeff > 0):
-            logits = self.net(x)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not (isinstance(c, float) and c == 0)):
+            logits = net(x)
         clean_ce = F.cross_entropy(logits.float(), y, reduction="none")
         correct = (soft_logit_margin(logits.detach(), y) < 0)
 
-        init_eps = self.eps_store.lookup(index).to(x.dtype).clamp(min=hp.min_eps, max=upper)
-        res = find_margin(self.net, x, y, self.norm, init_eps=init_eps, max_eps=upper, nb_iter=hp.nb_iter,
+        res = find_margin(net, x, y, self.norm, init_eps=inputs["init_eps"], max_eps=upper, nb_iter=hp.nb_iter,
                           search_steps=hp.search_steps, loss="slm", step_scale=hp.step_scale,
                           clip_min=hp.clip_min, clip_max=hp.clip_max, success=hp.attack_success,
                           search_train_mode=hp.search_train_mode, clean_logits=logits, search=hp.search,
-                          root_steps=hp.root_steps, refine_steps=hp.refine_steps,
-                          generator=self.attack_generator)
+                          root_steps=hp.root_steps, refine_steps=hp.refine_steps, start_noise=inputs["start_noise"])
         rows = correct.reshape(-1, *([1] * (x.dim() - 1)))
         x_mixed = torch.where(rows, res.x_adv, x)
-        mixed_ce = F.cross_entropy(self.net(x_mixed).float(), y, reduction="none")
+        mixed_ce = F.cross_entropy(net(x_mixed).float(), y, reduction="none")
         in_margin_loss = ~correct | (res.eps < hp.max_eps)
         mma_loss = (mixed_ce * in_margin_loss).sum() / x.shape[0]
-        clean_loss = clean_ce.mean()
-        loss = (1 - hp.clean_loss_coeff) * mma_loss + hp.clean_loss_coeff * clean_loss
+        loss = (1 - c) * mma_loss + c * clean_ce.mean()
 
         new_eps = torch.where(correct, res.eps, torch.zeros_like(res.eps))
-        self.eps_store.update(self._gather(index), self._gather(new_eps))
+        return loss, {
+            "new_eps": new_eps,
+            "acc": (logits.detach().argmax(1) == y).float(),
+            "clean_loss": clean_ce.detach(),
+            "avg_eps": new_eps,  # wrong rows count 0, as in val/avg_eps
+            "hinged_frac": (correct & (res.eps >= hp.max_eps)).float(),
+            "correct_frac": correct.float(),
+        }
 
-        self.log_train_stat("acc", (logits.detach().argmax(1) == y).float())
-        self.log_train_stat("clean_loss", clean_ce)
-        self.log_train_stat("avg_eps", new_eps)  # wrong rows count 0, as in val/avg_eps
-        self.log_train_stat("hinged_frac", (correct & (res.eps >= hp.max_eps)).float())
-        self.log_train_stat("correct_frac", correct.float())
-        return loss
+    def record_step(self, index: Tensor | None, outputs: dict[str, Tensor]) -> None:
+        """Store eps* for the correct rows and 0 for the others (reference step 7; gathered from every DDP
+        rank), then log the statistics."""
+        assert index is not None  # step_inputs refused a batch without one
+        self.eps_store.update(self._gather(index), self._gather(outputs["new_eps"]))
+        super().record_step(index, outputs)
 
     def _gather(self, t: Tensor) -> Tensor:
         """``t`` from every DDP rank, flattened (just ``t`` outside a Trainer or on one device)."""

@@ -8,12 +8,14 @@ forward on the PGD points runs in the mode Lightning set (train mode).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import Unpack
 
-from mma_lightning.attacks import pgd
+from mma_lightning.attacks import get_norm, pgd
 from mma_lightning.attacks.checks import check_positive_int
 from mma_lightning.methods.base import AdversarialModule, AdversarialModuleLogic, SkeletonKwargs
 
@@ -57,18 +59,31 @@ class PGDATModuleLogic(AdversarialModuleLogic):
         """The radius of this step's attack (constant here; a linear ramp in :class:`PGDLSModule`)."""
         return float(self.hparams.eps)
 
-    def training_loss(self, x: Tensor, y: Tensor, index: Tensor | None) -> Tensor:
-        """Mean cross-entropy at the PGD points of radius :meth:`training_eps` (logged as ``train/eps``)."""
+    def step_inputs(self, x: Tensor, y: Tensor, index: Tensor | None) -> dict[str, Any]:
+        """Before the step (eagerly): this step's radius :meth:`training_eps` as a device tensor (a graph input,
+        so PGDLS's ramp compiles once) and PGD's random start from the module's generator."""
         hp = self.hparams
-        eps = self.training_eps()
-        x_adv = pgd(self.net, x, y, self.norm, eps=eps, nb_iter=hp.nb_iter, step_scale=hp.step_scale,
+        # A device tensor filled in place: a Python float copied to the device would be a host sync.
+        eps = torch.full((), self.training_eps(), device=x.device, dtype=x.dtype)
+        noise = (get_norm(self.norm).start_noise(x, self.attack_generator, boxed=hp.clip_min is not None)
+                 if hp.rand_init else None)
+        return {"eps": eps, "start_noise": noise}
+
+    def step_loss(self, net: nn.Module, hp: Any, x: Tensor, y: Tensor,
+                  inputs: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Mean cross-entropy at the PGD points of radius ``inputs["eps"]``."""
+        x_adv = pgd(net, x, y, self.norm, eps=inputs["eps"], nb_iter=hp.nb_iter, step_scale=hp.step_scale,
                     rand_init=hp.rand_init, clip_min=hp.clip_min, clip_max=hp.clip_max,
-                    generator=self.attack_generator)
-        logits = self.net(x_adv)
-        # A device tensor filled in place: logging the Python float would copy it to the device (a sync).
-        self.log("train/eps", torch.full((), eps, device=x.device), on_step=True, on_epoch=False)
-        self.log_train_stat("adv_acc", (logits.detach().argmax(1) == y).float())
-        return F.cross_entropy(logits.float(), y)
+                    start_noise=inputs["start_noise"])
+        logits = net(x_adv)
+        return F.cross_entropy(logits.float(), y), {"adv_acc": (logits.detach().argmax(1) == y).float(),
+                                                    "eps": inputs["eps"]}
+
+    def record_step(self, index: Tensor | None, outputs: dict[str, Tensor]) -> None:
+        """Log ``train/eps`` (this step's radius) and the statistics."""
+        if self._trainer is not None:  # also usable outside a Trainer (as log_train_stat)
+            self.log("train/eps", outputs["eps"], on_step=True, on_epoch=False)
+        super().record_step(index, outputs)
 
 
 def check_attack_params(eps: float, nb_iter: int, step_scale: float) -> None:

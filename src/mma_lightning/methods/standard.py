@@ -6,8 +6,10 @@ Validation still measures robustness (PGD accuracy and average margin) through t
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from mma_lightning.methods.base import AdversarialModule, AdversarialModuleLogic
 
@@ -29,11 +31,11 @@ class StandardModuleLogic(AdversarialModuleLogic):
 
     train_stat_names: tuple[str, ...] = ("acc",)
 
-    def training_loss(self, x: Tensor, y: Tensor, index: Tensor | None) -> Tensor:
+    def step_loss(self, net: nn.Module, hp: Any, x: Tensor, y: Tensor,
+                  inputs: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         """Mean cross-entropy of the clean batch."""
-        logits = self.net(x)
-        self.log_train_stat("acc", (logits.detach().argmax(1) == y).float())
-        return F.cross_entropy(logits.float(), y)
+        logits = net(x)
+        return F.cross_entropy(logits.float(), y), {"acc": (logits.detach().argmax(1) == y).float()}
 
 
 # The pytorch_lightning classes: the namespace-free logic above on pytorch_lightning's base classes

@@ -17,14 +17,14 @@ Choices, compared with the authors' code (github.com/yaodongyu/TRADES, ``trades.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import Unpack
 
-from mma_lightning.attacks import pgd
+from mma_lightning.attacks import get_norm, pgd
 from mma_lightning.attacks.context import model_mode
 from mma_lightning.methods.base import AdversarialModule, AdversarialModuleLogic, SkeletonKwargs
 from mma_lightning.methods.pgd_at import check_attack_params
@@ -82,23 +82,29 @@ class TRADESModuleLogic(AdversarialModuleLogic):
             raise ValueError(f"beta must be a float >= 0 (6.0: TRADES' CIFAR10 setting), got {beta!r}")
         super().__init__(net, norm=norm, **kwargs)
 
-    def training_loss(self, x: Tensor, y: Tensor, index: Tensor | None) -> Tensor:
+    def step_inputs(self, x: Tensor, y: Tensor, index: Tensor | None) -> dict[str, Any]:
+        """Before the step (eagerly): the KL maximisation's random start from the module's generator."""
+        boxed = self.hparams.clip_min is not None
+        return {"start_noise": get_norm(self.norm).start_noise(x, self.attack_generator, boxed=boxed)}
+
+    def step_loss(self, net: nn.Module, hp: Any, x: Tensor, y: Tensor,
+                  inputs: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         """``mean CE(f(x), y) + beta * mean KL(f(x) || f(x_adv))``, ``x_adv`` from the KL maximisation."""
-        hp = self.hparams
-        with torch.no_grad(), model_mode(self.net, train=False):
-            target = F.log_softmax(self.net(x).float(), dim=1)
-        x_adv = pgd(self.net, x, y, self.norm, eps=hp.eps, nb_iter=hp.nb_iter, step_scale=hp.step_scale,
+        with torch.no_grad(), model_mode(net, train=False):
+            target = F.log_softmax(net(x).float(), dim=1)
+        x_adv = pgd(net, x, y, self.norm, eps=hp.eps, nb_iter=hp.nb_iter, step_scale=hp.step_scale,
                     loss=kl_objective(target), rand_init=True, clip_min=hp.clip_min, clip_max=hp.clip_max,
-                    generator=self.attack_generator)
-        logits = self.net(x)
-        adv_logits = self.net(x_adv)
+                    start_noise=inputs["start_noise"])
+        logits = net(x)
+        adv_logits = net(x_adv)
         clean_ce = F.cross_entropy(logits.float(), y, reduction="none")
         kl = per_sample_kl(F.log_softmax(logits.float(), dim=1), adv_logits)
-        self.log_train_stat("acc", (logits.detach().argmax(1) == y).float())
-        self.log_train_stat("adv_acc", (adv_logits.detach().argmax(1) == y).float())
-        self.log_train_stat("clean_loss", clean_ce)
-        self.log_train_stat("kl", kl)
-        return clean_ce.mean() + hp.beta * kl.mean()
+        return clean_ce.mean() + hp.beta * kl.mean(), {
+            "acc": (logits.detach().argmax(1) == y).float(),
+            "adv_acc": (adv_logits.detach().argmax(1) == y).float(),
+            "clean_loss": clean_ce.detach(),
+            "kl": kl.detach(),
+        }
 
 
 # The pytorch_lightning classes: the namespace-free logic above on pytorch_lightning's base classes

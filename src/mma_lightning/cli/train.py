@@ -59,6 +59,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = instantiate_dict(cfg.get("logger"), "logger")
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     check_launcher_fits_hydra_mode(trainer)
+    set_matmul_precision(cfg.get("float32_matmul_precision"), trainer)
 
     if trainer.is_global_zero:
         save_resolved_config(cfg, Path(cfg.paths.output_dir))
@@ -93,6 +94,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 TEST_BUDGETS = ("auto", None)
+MATMUL_PRECISIONS = ("highest", "high", "medium", None)
+
+
+def set_matmul_precision(precision: str | None, trainer: pl.Trainer) -> None:
+    """``torch.set_float32_matmul_precision(precision)`` when the trainer runs on CUDA (``"high"``: TF32
+    matmuls, which Lightning recommends on recent GPUs); ``None`` leaves torch's default."""
+    if precision not in MATMUL_PRECISIONS:
+        raise ValueError(f"float32_matmul_precision must be one of {list(MATMUL_PRECISIONS)} (null: torch's "
+                         f"default), got {precision!r}")
+    if precision is not None and trainer.strategy.root_device.type == "cuda":
+        torch.set_float32_matmul_precision(precision)
 
 
 def check_preset_norm(cfg: DictConfig) -> None:

@@ -1,23 +1,28 @@
-"""One GPU check of the training step (issue 9): sync-free, fast paths, projected paper run, real-data run.
+"""One GPU check of adversarial training and evaluation speed (issues 9 and 16), in one run under 8 minutes.
 
-Usage: ``python benchmarks/gpu_check.py`` on a machine with one CUDA GPU (under 8 minutes), or
-``python benchmarks/gpu_check.py --device cpu`` for the same sections at a reduced size (the test suite runs
-that mode). Sections:
+Usage: ``python benchmarks/gpu_check.py [--json report.json]`` on a machine with one CUDA GPU, or
+``python benchmarks/gpu_check.py --device cpu`` for every section at a reduced size (the test suite runs that mode;
+its figures mean nothing, it proves the script works). Sections, in order of importance; a section that no longer
+fits the time budget (``--budget-min``) is skipped and named (``--only`` runs chosen sections in a second run):
 
-1. sync: a Lightning ``fit`` of MMA whose ``training_step`` runs, after the first batch, under
-   ``torch.cuda.set_sync_debug_mode("error")`` (any host synchronisation raises). CUDA only; on CPU the same
-   property is what ``tests/test_sync.py`` checks.
-2. speed: WRN-28-4, batch 128, Linf, K = 10 (CIFAR10 MMA-32 / PGD-8 settings). One step = the method's
-   ``training_loss`` + ``backward`` + SGD step, timed alternately for MMA and PGD-AT (medians of ``--reps``)
-   in fp32, bf16 (autocast, as ``precision="bf16-mixed"``), bf16 + channels_last and
-   bf16 + channels_last + ``torch.compile``; ratio MMA / PGD-AT, images per second, peak memory.
-3. projection: the paper's 50k-step CIFAR10 MMA-32 run at the fastest MMA step, and the fraction of the
-   card's bf16 peak the step uses. FLOPs per step = 1.69 GFLOP (WRN-28-4 forward, one 32x32 image) x batch x
-   (forwards + attack backwards + 2 x training backwards): a backward to the input costs about one forward,
-   one that also computes weight gradients about two. Passes counted by module hooks.
-4. real data: a 200-step MMA run of LeNet5-Madry on Fashion-MNIST (``fashion_mnist.npz`` next to this
-   script, written from Debian's ``dataset-fashion-mnist`` files when missing), final ``train/avg_eps`` and
-   ``val/robust_acc``.
+1. ``sync``: Lightning fits of MMA (eager, then the captured step) whose ``training_step`` runs, after warm-up,
+   under ``torch.cuda.set_sync_debug_mode("error")``: any host synchronisation raises. CUDA only.
+2. ``passes``: one WRN-28-4 pass (forward without autograd; forward + backward to the input, what an attack step
+   costs), batch 128, fp32 / bf16, eager and captured (the backbone compiled with CUDA graphs, frozen weights).
+3. ``steps``: the training step of each method (MMA, PGD-AT, OMMA, TRADES, PGDLS, standard) at batch 128, eager
+   and captured (``compile_step``), in the GPU defaults of ``trainer=gpu`` (bf16 autocast, channels_last): median
+   of alternated steps, images per second, peak memory, warm-up (compile) seconds, MMA / PGD-AT.
+4. ``projection``: the paper's 50k-step CIFAR10 MMA-32 run at the fastest MMA step, and the fraction of the card's
+   bf16 peak it uses (FLOPs from the pass counts: 1.69 GFLOP per WRN-28-4 forward and 32x32 image).
+5. ``batch``: the captured MMA step at batch 512 and 1024 (images per second; target >= 6,000 at 512).
+6. ``train``: ``mma-train experiment=cifar10_linf_mma32 trainer=gpu`` (its config composed with Hydra's compose
+   API and run by the same ``train`` function) for 300 steps on Fashion-MNIST (the device kit's files), its steps
+   per second next to the isolated captured step on the same shapes: what the command line costs on top.
+7. ``eval``: ``evaluate_model`` with ``evaluation=fast``'s settings (mma-eval's evaluator) on CIFAR10-shaped points
+   with WRN-28-4, batch size picked for the device, captured passes: images per second and the projected time of
+   10,000 points (target <= 60 s). The labels are the model's own predictions, so every point is attacked.
+8. ``real``: a 200-step MMA run of LeNet5-Madry on Fashion-MNIST (``fashion_mnist.npz``, written from Debian's
+   files when missing), final ``train/avg_eps`` and ``val/robust_acc``.
 
 ``--json PATH`` also writes every figure to a JSON file.
 """
@@ -41,9 +46,13 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from mma_lightning import MMAModule, PGDATModule
+from mma_lightning import MMAModule, PGDATModule, PGDLSModule, StandardModule, TRADESModule
+from mma_lightning.attacks.checks import host_checks
+from mma_lightning.capture import CapturedModel
 from mma_lightning.data import TensorDataModule
 from mma_lightning.data.vision import find_idx_file, read_idx
+from mma_lightning.evaluation import evaluate_model, eps_grid
+from mma_lightning.evaluation.batches import device_batch_size
 from mma_lightning.methods.base import AdversarialModule
 from mma_lightning.models import LeNet5Madry
 from mma_lightning.models.wideresnet import WideResNet
@@ -57,7 +66,9 @@ DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 WRN28_4_GFLOP_PER_IMAGE = 1.69  # forward of WRN-28-4 on one 32x32 image
 PAPER_STEPS = 50_000  # CIFAR10 MMA-32 (Ding et al. 2020): 50k steps of batch 128
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
-VARIANTS = ("fp32", "bf16", "bf16+channels_last", "bf16+channels_last+compile")
+SECTIONS = ("sync", "passes", "steps", "projection", "batch", "train", "eval", "real")
+METHODS = ("mma", "pgd_at", "omma", "trades", "pgdls", "standard")
+TARGETS = {"paper_run_minutes": 45.0, "batch512_img_per_s": 6000.0, "eval_fast_10k_seconds": 60.0}
 
 
 @dataclass
@@ -67,9 +78,13 @@ class Size:
     depth: int
     width: int
     batch: int
+    big_batches: tuple[int, ...]
     nb_iter: int
     search_steps: int
     reps: int
+    train_steps: int
+    train_images: int
+    eval_points: int
     real_steps: int
     real_batch: int
     real_nb_iter: int
@@ -77,71 +92,57 @@ class Size:
     real_val: int
 
 
-FULL = Size(depth=28, width=4, batch=128, nb_iter=10, search_steps=10, reps=10, real_steps=200, real_batch=50,
-            real_nb_iter=10, real_train=20_000, real_val=1_000)
-REDUCED = Size(depth=10, width=1, batch=8, nb_iter=2, search_steps=2, reps=2, real_steps=4, real_batch=16,
-               real_nb_iter=2, real_train=128, real_val=16)
+FULL = Size(depth=28, width=4, batch=128, big_batches=(512, 1024), nb_iter=10, search_steps=10, reps=10,
+            train_steps=300, train_images=20_000, eval_points=2_000, real_steps=200, real_batch=50, real_nb_iter=10,
+            real_train=20_000, real_val=1_000)
+REDUCED = Size(depth=10, width=1, batch=8, big_batches=(16,), nb_iter=2, search_steps=2, reps=2, train_steps=4,
+               train_images=96, eval_points=24, real_steps=4, real_batch=16, real_nb_iter=2, real_train=128,
+               real_val=16)
 
 
-# --- section 1: no host sync inside training_step ------------------------------------------------------------
-def sync_check(device: torch.device, size: Size) -> dict[str, Any]:
-    """Fit MMA a few steps; from the second batch on, ``training_step`` runs under sync debug mode "error"."""
-    if device.type != "cuda":
-        return {"ran": False, "why": "sync debug mode is CUDA-only; tests/test_sync.py checks the CPU proxy"}
-    module = mma_module(wrn(size), size)
-    original = module.training_step
-    calls: list[int] = []
+class Budget:
+    """The wall-clock budget of the whole check: sections that would start past it are skipped."""
 
-    @functools.wraps(original)
-    def guarded(*args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        if len(calls) == 1:
-            return original(*args, **kwargs)
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            return original(*args, **kwargs)
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
+    def __init__(self, minutes: float) -> None:
+        self.deadline = time.perf_counter() + 60 * minutes
+        self.skipped: list[str] = []
 
-    module.training_step = guarded  # type: ignore[method-assign]
-    x = torch.rand(4 * size.batch, 3, 32, 32)
-    y = torch.randint(0, 10, (4 * size.batch,))
-    trainer = quiet_trainer(device, max_steps=4, precision="bf16-mixed", limit_val_batches=0)
-    trainer.fit(module, TensorDataModule(x, y, batch_size=size.batch))
-    return {"ran": True, "guarded_steps": len(calls) - 1, "raised": False}
+    def allows(self, section: str, needs_s: float) -> bool:
+        if time.perf_counter() + needs_s <= self.deadline:
+            return True
+        self.skipped.append(section)
+        print(f"\n[{section}] skipped: about {needs_s:.0f} s needed, "
+              f"{max(0.0, self.deadline - time.perf_counter()):.0f} s of the budget left (--only {section})")
+        return False
 
 
-# --- section 2: step times ---------------------------------------------------------------------------------------
-def wrn(size: Size) -> nn.Module:
+# --- the models and modules --------------------------------------------------------------------------------------
+def wrn(size: Size, in_channels: int = 3) -> nn.Module:
     torch.manual_seed(0)
-    return WideResNet(depth=size.depth, widen_factor=size.width)
+    return WideResNet(depth=size.depth, widen_factor=size.width, in_channels=in_channels)
 
 
-def mma_module(net: nn.Module, size: Size, **options: Any) -> MMAModule:
-    """CIFAR10 MMA-32 (Linf, d_max 32/255, min eps 0.005, K = 10) on ``net``."""
-    return MMAModule(net, norm="linf", max_eps=32 / 255, min_eps=0.005, nb_iter=size.nb_iter,
-                     search_steps=size.search_steps, eval_eps=8 / 255, num_train_samples=size.batch, **options)
+def method_module(name: str, net: nn.Module, size: Size, num_samples: int, **options: Any) -> AdversarialModule:
+    """The CIFAR10 presets' settings (Linf, K = 10): MMA-32 / OMMA-32, PGD-8, PGDLS-8, TRADES 8/255, standard."""
+    common = dict(norm="linf", eval_eps=8 / 255, **options)
+    mma = dict(max_eps=32 / 255, min_eps=0.005, nb_iter=size.nb_iter, search_steps=size.search_steps,
+               num_train_samples=num_samples)
+    if name == "mma":
+        return MMAModule(net, **mma, **common)
+    if name == "omma":
+        return MMAModule(net, clean_loss_coeff=0.0, **mma, **common)
+    if name == "pgd_at":
+        return PGDATModule(net, eps=8 / 255, nb_iter=size.nb_iter, **common)
+    if name == "pgdls":
+        return PGDLSModule(net, eps=8 / 255, nb_iter=size.nb_iter, ramp_steps=1000, **common)
+    if name == "trades":
+        return TRADESModule(net, eps=8 / 255, nb_iter=size.nb_iter, **common)
+    return StandardModule(net, **common)
 
 
-def pgd_at_module(net: nn.Module, size: Size, **options: Any) -> PGDATModule:
-    """CIFAR10 PGD-8 (Linf, eps 8/255, K = 10) on ``net``."""
-    return PGDATModule(net, norm="linf", eps=8 / 255, nb_iter=size.nb_iter, eval_eps=8 / 255, **options)
-
-
-def make_step(module: AdversarialModule, x: Tensor, y: Tensor, index: Tensor, bf16: bool) -> Callable[[], None]:
-    """One training step as Lightning runs it: loss (under bf16 autocast if asked), backward, SGD step."""
-    opt = torch.optim.SGD(module.net.parameters(), lr=1e-4, momentum=0.9)
-    device = x.device
-    x = module.as_input(x)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
-            loss = module.training_loss(x, y, index)
-        loss.backward()
-        opt.step()
-
-    return step
+def capture_option(device: torch.device, backend: str) -> bool | dict[str, Any]:
+    """``compile_step``'s value: the default (CUDA graphs) on a GPU; the given backend on the CPU."""
+    return True if device.type == "cuda" else {"backend": backend}
 
 
 def synchronize(device: torch.device) -> None:
@@ -149,31 +150,36 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_variant(variant: str, device: torch.device, size: Size, reps: int,
-                 compile_backend: str = "inductor") -> dict[str, Any]:
-    """Median step time of MMA and PGD-AT (alternated) under one variant, plus peak memory and passes."""
-    bf16, channels_last, compile_ = "bf16" in variant, "channels_last" in variant, "compile" in variant
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(size.batch, 3, 32, 32, generator=g).to(device)
-    y = torch.randint(0, 10, (size.batch,), generator=g).to(device)
-    index = torch.arange(size.batch, device=device)
-    options = dict(channels_last=channels_last, compile={"backend": compile_backend} if compile_ else False)
-    modules = {"mma": mma_module(wrn(size), size, **options).to(device),
-               "pgd_at": pgd_at_module(wrn(size), size, **options).to(device)}
-    out: dict[str, Any] = {"variant": variant}
-    steps = {}
-    for name, module in modules.items():
-        module.net.train()
-        steps[name] = make_step(module, x, y, index, bf16)
-        counter = PassCounter(module.net) if not compile_ else None
+def make_step(module: AdversarialModule, x: Tensor, y: Tensor, index: Tensor, bf16: bool) -> Callable[[], None]:
+    """One training step as Lightning runs it: the method's loss (under bf16 autocast if asked; value checks on
+    the first call only, as in a Trainer), backward, SGD step."""
+    opt = torch.optim.SGD(module.net.parameters(), lr=1e-4, momentum=0.9)
+    device = x.device
+    x = module.as_input(x)
+    calls = [0]
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext(), \
+                host_checks(calls[0] == 0):
+            loss = module.training_loss(x, y, index)
+        loss.backward()
+        opt.step()
+        calls[0] += 1
+
+    return step
+
+
+def time_alternated(steps: dict[str, Callable[[], None]], device: torch.device, reps: int,
+                    warmup: int = 3) -> dict[str, dict[str, float | None]]:
+    """Warm each step up (compiles and records its graphs), then time them alternately: median ms, peak GiB."""
+    out: dict[str, dict[str, float | None]] = {}
+    for name, step in steps.items():
         t0 = time.perf_counter()
-        for _ in range(2 if compile_ else 1):  # warm-up (compiles every graph variant of the step)
-            steps[name]()
+        for _ in range(warmup):
+            step()
         synchronize(device)
-        out[f"{name}_warmup_s"] = time.perf_counter() - t0
-        if counter is not None:
-            out[f"{name}_passes"] = {"forwards": counter.fwd_grad + counter.fwd_nograd, "backwards": counter.bwd}
-            counter.remove()
+        out[name] = {"warmup_s": time.perf_counter() - t0}
     times: dict[str, list[float]] = {name: [] for name in steps}
     peak: dict[str, float] = {}
     for _ in range(reps):
@@ -188,11 +194,119 @@ def time_variant(variant: str, device: torch.device, size: Size, reps: int,
             if device.type == "cuda":
                 peak[name] = max(peak.get(name, 0.0), torch.cuda.max_memory_allocated(device) / 2**30)
     for name, t in times.items():
-        med = statistics.median(t)
-        out[f"{name}_ms"] = med * 1e3
-        out[f"{name}_img_per_s"] = size.batch / med
-        out[f"{name}_peak_gib"] = peak.get(name)
-    out["ratio"] = out["mma_ms"] / out["pgd_at_ms"]
+        out[name].update(ms=statistics.median(t) * 1e3, peak_gib=peak.get(name))
+    return out
+
+
+def batch_for(size: Size, batch: int, device: torch.device, shape: tuple[int, ...] = (3, 32, 32)
+              ) -> tuple[Tensor, Tensor, Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, *shape, generator=g).to(device)
+    y = torch.randint(0, 10, (batch,), generator=g).to(device)
+    return x, y, torch.arange(batch, device=device)
+
+
+# --- 1. no host sync ------------------------------------------------------------------------------------------------
+def sync_check(device: torch.device, size: Size, backend: str) -> dict[str, Any]:
+    """Fit MMA a few steps, eager and captured; after warm-up ``training_step`` runs under sync debug "error"."""
+    if device.type != "cuda":
+        return {"ran": False, "why": "sync debug mode is CUDA-only; tests/test_sync.py checks the CPU proxy"}
+    out: dict[str, Any] = {"ran": True}
+    for variant, option in (("eager", False), ("captured", capture_option(device, backend))):
+        warmup = 1 if option is False else 3  # the captured step records its CUDA graphs in its first calls
+        module = method_module("mma", wrn(size), size, num_samples=4 * size.batch, compile_step=option,
+                               channels_last=True)
+        original = module.training_step
+        calls: list[int] = []
+
+        @functools.wraps(original)
+        def guarded(*args: Any, original: Callable[..., Any] = original, calls: list[int] = calls,
+                    warmup: int = warmup, **kwargs: Any) -> Any:
+            calls.append(1)
+            if len(calls) <= warmup:
+                return original(*args, **kwargs)
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return original(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+
+        module.training_step = guarded  # type: ignore[method-assign]
+        x = torch.rand(4 * size.batch, 3, 32, 32)
+        y = torch.randint(0, 10, (4 * size.batch,))
+        trainer = quiet_trainer(device, max_steps=warmup + 3, precision="bf16-mixed", limit_val_batches=0)
+        trainer.fit(module, TensorDataModule(x, y, batch_size=size.batch))
+        out[variant] = {"guarded_steps": len(calls) - warmup, "raised": False}
+    return out
+
+
+# --- 2. one pass ----------------------------------------------------------------------------------------------------
+def pass_table(device: torch.device, size: Size, reps: int, backend: str) -> list[dict[str, Any]]:
+    """One WRN pass at batch 128: forward without autograd, forward + backward to the input; eager / captured."""
+    rows = []
+    x, y, _ = batch_for(size, size.batch, device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    for precision, captured in (("fp32", False), ("bf16", False), ("fp32", True), ("bf16", True)):
+        net = wrn(size).to(device).to(memory_format=torch.channels_last).eval()
+        for p in net.parameters():
+            p.requires_grad_(False)
+        model: nn.Module = CapturedModel(net, capture_option(device, backend)) if captured else net
+        autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
+
+        def forward() -> None:
+            with torch.no_grad(), autocast():
+                model(x)
+
+        def attack_pass() -> None:
+            delta = torch.zeros_like(x, requires_grad=True)
+            with autocast():
+                loss = nn.functional.cross_entropy(model(x + delta).float(), y)
+            torch.autograd.grad(loss, delta)
+
+        timed = time_alternated({"forward": forward, "attack_pass": attack_pass}, device, reps)
+        rows.append({"precision": precision, "captured": captured, "batch": size.batch,
+                     "forward_ms": timed["forward"]["ms"], "attack_pass_ms": timed["attack_pass"]["ms"],
+                     "warmup_s": timed["forward"]["warmup_s"] + timed["attack_pass"]["warmup_s"]})
+    return rows
+
+
+# --- 3. / 5. training steps -----------------------------------------------------------------------------------------
+def step_times(device: torch.device, size: Size, batch: int, methods: tuple[str, ...], variants: tuple[str, ...],
+               reps: int, backend: str, shape: tuple[int, ...] = (3, 32, 32)) -> list[dict[str, Any]]:
+    """Each method's step at ``batch`` in the GPU defaults (bf16 on CUDA, channels_last), eager and captured."""
+    x, y, index = batch_for(size, batch, device, shape)
+    bf16 = device.type == "cuda"
+    steps, modules = {}, {}
+    for method in methods:
+        for variant in variants:
+            option = capture_option(device, backend) if variant == "captured" else False
+            module = method_module(method, wrn(size, shape[0]), size, batch, compile_step=option,
+                                   channels_last=True).to(device)
+            module.net.train()
+            modules[f"{method}/{variant}"] = module
+            steps[f"{method}/{variant}"] = make_step(module, x, y, index, bf16)
+    timed = time_alternated(steps, device, reps)
+    rows = []
+    for key, t in timed.items():
+        method, variant = key.split("/")
+        rows.append({"method": method, "variant": variant, "batch": batch, "ms": t["ms"],
+                     "img_per_s": batch / (t["ms"] / 1e3), "peak_gib": t["peak_gib"], "warmup_s": t["warmup_s"]})
+    return rows
+
+
+def count_passes(device: torch.device, size: Size) -> dict[str, dict[str, int]]:
+    """Forwards and backwards of one eager MMA and PGD-AT step (module hooks)."""
+    x, y, index = batch_for(size, size.batch, device)
+    out = {}
+    for method in ("mma", "pgd_at"):
+        module = method_module(method, wrn(size), size, size.batch).to(device)
+        module.net.train()
+        step = make_step(module, x, y, index, bf16=False)
+        step()
+        counter = PassCounter(module.net)
+        step()
+        out[method] = {"forwards": counter.fwd_grad + counter.fwd_nograd, "backwards": counter.bwd}
+        counter.remove()
     return out
 
 
@@ -213,7 +327,110 @@ def bf16_peak_tflops(device: torch.device, override: float | None) -> float | No
     return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
 
 
-# --- section 4: a real-data run -----------------------------------------------------------------------------------
+# --- 6. the command line -----------------------------------------------------------------------------------------------
+class StepClock(pl.Callback):
+    """Wall time of training steps ``first`` to the last, validation and checkpoints excluded (synchronised
+    at the window's ends only, so the timed steps keep their asynchrony)."""
+
+    latest: "StepClock | None" = None
+
+    def __init__(self, first: int = 50) -> None:
+        self.first = first
+        self.start: float | None = None
+        self.end: float | None = None
+        self.steps_at_start = 0
+        self.steps_at_end = 0
+        self.paused = 0.0
+        self._pause: float | None = None
+        StepClock.latest = self
+
+    def _now(self, module: pl.LightningModule) -> float:
+        synchronize(module.device)
+        return time.perf_counter()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any, i: int) -> None:
+        if self.start is None and trainer.global_step == self.first:
+            self.start, self.steps_at_start = self._now(module), trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, out: Any, batch: Any,
+                           i: int) -> None:
+        if self.start is not None and trainer.global_step >= trainer.max_steps:
+            self.end, self.steps_at_end = self._now(module), trainer.global_step
+
+    def on_validation_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if self.start is not None and self.end is None:
+            self._pause = self._now(module)
+
+    def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if self._pause is not None:
+            self.paused += self._now(module) - self._pause
+            self._pause = None
+
+    def step_ms(self) -> float | None:
+        if self.start is None or self.end is None or self.steps_at_end <= self.steps_at_start:
+            return None
+        return (self.end - self.start - self.paused) / (self.steps_at_end - self.steps_at_start) * 1e3
+
+
+def command_line_run(device: torch.device, size: Size, data_dir: Path, out_dir: Path, backend: str) -> dict[str, Any]:
+    """``mma-train experiment=cifar10_linf_mma32 data=fashion_mnist trainer=gpu`` for ``size.train_steps`` steps,
+    composed and run as the command does, with a step clock; then the isolated captured step on the same shapes."""
+    from hydra import compose, initialize_config_module
+
+    from mma_lightning.cli.train import train
+
+    overrides = [
+        "experiment=cifar10_linf_mma32", "data=fashion_mnist", f"data.data_dir={data_dir}", "data.download=false",
+        f"data.train_subset={size.train_images}", "data.val_size=1000", "test=false",
+        f"trainer.max_steps={size.train_steps}", f"paths.output_dir={out_dir}",
+        f"attack.nb_iter={size.nb_iter}", f"method.search_steps={size.search_steps}",
+        f"model.depth={size.depth}", f"model.widen_factor={size.width}",
+        "+callbacks.step_clock._target_=gpu_check.StepClock",
+    ]
+    if device.type == "cuda":
+        overrides.append("trainer=gpu")
+    else:
+        overrides += ["trainer=cpu", "trainer.val_check_interval=2", "trainer.check_val_every_n_epoch=null",
+                      "data.num_workers=0", "data.val_size=16", "data.eval_batch_size=8", f"data.batch_size={size.batch}",
+                      f"method.compile_step={{backend: {backend}}}", "method.channels_last=true",
+                      "+callbacks.step_clock.first=1", "trainer.enable_progress_bar=false",
+                      "trainer.enable_model_summary=false"]
+    with initialize_config_module(config_module="mma_lightning.conf", version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    t0 = time.perf_counter()
+    train(cfg)
+    wall = time.perf_counter() - t0
+    clock = StepClock.latest
+    cli_ms = clock.step_ms() if clock is not None else None
+    batch = int(cfg.data.batch_size)
+    isolated = step_times(device, size, batch, ("mma",), ("captured",), size.reps, backend, shape=(1, 28, 28))[0]
+    return {"steps": size.train_steps, "wall_s": wall, "cli_step_ms": cli_ms, "isolated_step_ms": isolated["ms"],
+            "cli_over_isolated": cli_ms / isolated["ms"] if cli_ms else None, "batch": batch,
+            "precision": str(cfg.trainer.precision), "compile_step": str(cfg.method.compile_step)}
+
+
+# --- 7. evaluation --------------------------------------------------------------------------------------------------
+def evaluation_speed(device: torch.device, size: Size, backend: str) -> dict[str, Any]:
+    """``evaluation=fast`` (mma-eval's evaluator and settings) on CIFAR10-shaped points, WRN-28-4."""
+    net = wrn(size).to(device).eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(size.eval_points, 3, 32, 32, generator=g)
+    batch = device_batch_size(net, x[0]) if device.type == "cuda" else 8
+    with torch.no_grad():
+        y = torch.cat([net(c.to(device)).argmax(1).cpu() for c in x.split(batch)])  # every point is attacked
+    capture = True if device.type == "cuda" else {"backend": backend}
+    t0 = time.perf_counter()
+    ev = evaluate_model(net, (x, y), "linf", eps_grid("cifar10_linf"), nb_iter=20 if size is FULL else 2, restarts=1,
+                        margin_nb_iter=20 if size is FULL else 2, margin_search_steps=10 if size is FULL else 2,
+                        probe_samples=min(100, size.eval_points), batch_size=batch, progress=False,
+                        capture=capture)
+    seconds = time.perf_counter() - t0
+    return {"points": size.eval_points, "batch": batch, "seconds": seconds,
+            "img_per_s": size.eval_points / seconds, "projected_10k_s": 10_000 * seconds / size.eval_points,
+            "clean_acc": ev.pgd.clean_accuracy, "avg_robust_acc": ev.pgd.avg_robust_accuracy}
+
+
+# --- 8. a real-data run ---------------------------------------------------------------------------------------------
 def fashion_mnist(path: Path = NPZ) -> dict[str, np.ndarray]:
     """Fashion-MNIST as uint8 arrays from ``path``; written there from Debian's IDX files when missing."""
     if not path.is_file():
@@ -265,90 +482,149 @@ def quiet_trainer(device: torch.device, max_steps: int, precision: str, **kwargs
 
 
 # --- main -----------------------------------------------------------------------------------------------------------
+def print_steps(title: str, rows: list[dict[str, Any]]) -> None:
+    print(f"\n{title}")
+    print(f"  {'method':9s} {'variant':9s} {'batch':>5s} {'ms':>8s} {'img/s':>8s} {'GiB':>6s} {'warm-up s':>9s}")
+    for r in rows:
+        gib = f"{r['peak_gib']:6.2f}" if r["peak_gib"] is not None else f"{'-':>6s}"
+        print(f"  {r['method']:9s} {r['variant']:9s} {r['batch']:5d} {r['ms']:8.1f} {r['img_per_s']:8.0f} {gib} "
+              f"{r['warmup_s']:9.1f}")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cuda: the full check; cpu: the same sections at a reduced size")
-    parser.add_argument("--reps", type=int, default=None, help="timed steps per method and variant")
-    parser.add_argument("--variants", nargs="*", choices=VARIANTS, default=list(VARIANTS))
-    parser.add_argument("--skip", nargs="*", choices=("sync", "speed", "real"), default=[])
+                        help="cuda: the full check; cpu: every section at a reduced size")
+    parser.add_argument("--reps", type=int, default=None, help="timed steps per variant")
+    parser.add_argument("--only", nargs="*", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--methods", nargs="*", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--budget-min", type=float, default=7.5, help="skip sections that would end past this")
     parser.add_argument("--compile-backend", default="inductor",
-                        help='torch.compile backend of the compile variant ("eager": tracing only, a fast check)')
+                        help='the CPU mode\'s torch.compile backend ("eager": tracing only, a fast check)')
     parser.add_argument("--peak-tflops", type=float, default=None, help="the card's dense bf16 peak")
     parser.add_argument("--npz", type=Path, default=NPZ, help="Fashion-MNIST arrays (written when missing)")
+    parser.add_argument("--data-dir", type=Path, default=DEBIAN_FASHION_MNIST,
+                        help="Fashion-MNIST IDX files for the command-line run (the device kit's .devicekit/fashion-mnist)")
+    parser.add_argument("--out-dir", type=Path, default=Path("gpu_check_run"), help="the command-line run's directory")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available (use --device cpu for the reduced check)")
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.benchmark = True
     size = FULL if device.type == "cuda" else REDUCED
     reps = args.reps or size.reps
+    budget = Budget(args.budget_min)
+    backend = args.compile_backend
     warnings.filterwarnings("ignore")
+    sys.modules.setdefault("gpu_check", sys.modules[__name__])  # StepClock's _target_
     started = time.perf_counter()
     report: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                              "torch": torch.__version__, "size": asdict(size)}
+                              "torch": torch.__version__, "size": asdict(size), "targets": TARGETS}
     print(f"gpu_check on {report['device']} (torch {torch.__version__}), "
           f"{'full' if size is FULL else 'reduced'} size: WRN-{size.depth}-{size.width}, batch {size.batch}, "
-          f"K={size.nb_iter}, S={size.search_steps}")
+          f"K={size.nb_iter}, S={size.search_steps}; budget {args.budget_min} min")
+    wanted = set(args.only)
 
-    if "sync" not in args.skip:
-        report["sync"] = sync_check(device, size)
-        s = report["sync"]
-        print("\n[1] sync: " + (f"{s['guarded_steps']} MMA training steps under set_sync_debug_mode('error'): "
-                                "no host synchronisation" if s["ran"] else f"skipped ({s['why']})"))
+    if "sync" in wanted:
+        report["sync"] = s = sync_check(device, size, backend)
+        print("\n[1] sync: " + ("MMA training steps under set_sync_debug_mode('error'), no host synchronisation: "
+                                + ", ".join(f"{v} {s[v]['guarded_steps']} steps" for v in ("eager", "captured"))
+                                if s["ran"] else f"skipped ({s['why']})"))
 
-    if "speed" not in args.skip:
-        rows = [time_variant(v, device, size, reps, args.compile_backend) for v in args.variants]
-        report["speed"] = rows
-        print(f"\n[2] step times, WRN-{size.depth}-{size.width}, batch {size.batch}, Linf, K={size.nb_iter} "
-              f"(median of {reps} alternated steps)")
-        print(f"  {'variant':28s} {'MMA ms':>9s} {'PGD-AT ms':>10s} {'ratio':>6s} {'MMA img/s':>10s} "
-              f"{'PGD img/s':>10s} {'MMA GiB':>8s} {'PGD GiB':>8s} {'warm-up s':>9s}")
+    if "passes" in wanted and budget.allows("passes", 120 if size is FULL else 5):
+        report["passes"] = rows = pass_table(device, size, reps, backend)
+        print(f"\n[2] one WRN-{size.depth}-{size.width} pass, batch {size.batch}, channels_last (median of {reps})")
+        print(f"  {'precision':9s} {'captured':8s} {'forward ms':>10s} {'fwd+input bwd ms':>16s} {'warm-up s':>9s}")
         for r in rows:
-            gib = [f"{r[f'{m}_peak_gib']:8.2f}" if r[f"{m}_peak_gib"] is not None else f"{'-':>8s}"
-                   for m in ("mma", "pgd_at")]
-            print(f"  {r['variant']:28s} {r['mma_ms']:9.1f} {r['pgd_at_ms']:10.1f} {r['ratio']:6.3f} "
-                  f"{r['mma_img_per_s']:10.1f} {r['pgd_at_img_per_s']:10.1f} {gib[0]} {gib[1]} "
-                  f"{r['mma_warmup_s'] + r['pgd_at_warmup_s']:9.1f}")
-        counted = next((r for r in rows if "mma_passes" in r), None)
-        if counted is not None:
-            best = min(rows, key=lambda r: r["mma_ms"])
-            flops = step_flops(counted["mma_passes"], training_passes=2, batch=size.batch)
-            achieved = flops / (best["mma_ms"] / 1e3) / 1e12
-            peak = bf16_peak_tflops(device, args.peak_tflops)
-            projection = {
-                "mma_passes": counted["mma_passes"], "pgd_at_passes": counted.get("pgd_at_passes"),
-                "best_variant": best["variant"], "mma_step_ms": best["mma_ms"],
-                "projected_50k_minutes": PAPER_STEPS * best["mma_ms"] / 1e3 / 60,
-                "flop_per_step_wrn28_4": flops, "achieved_tflops": achieved, "bf16_peak_tflops": peak,
-                "fraction_of_peak": achieved / peak if peak else None,
-                "minutes_at_peak": PAPER_STEPS * flops / (peak * 1e12) / 60 if peak else None,
-            }
-            report["projection"] = projection
-            p = projection
-            print(f"\n[3] paper run (CIFAR10 MMA-32, {PAPER_STEPS} steps of batch {size.batch}) at the fastest MMA "
-                  f"step ({p['best_variant']}, {p['mma_step_ms']:.1f} ms): {p['projected_50k_minutes']:.1f} min "
-                  f"(training steps only; target <= 20 min on one H100/H200)")
-            print(f"  MMA step passes: {p['mma_passes']['forwards']} forwards, {p['mma_passes']['backwards']} "
-                  f"backwards (2 with weight gradients) -> {flops / 1e12:.2f} TFLOP per step at "
-                  f"{WRN28_4_GFLOP_PER_IMAGE} GFLOP/image/forward (the WRN-28-4 figure)")
-            if peak:
-                print(f"  {achieved:.1f} TFLOP/s = {p['fraction_of_peak']:.1%} of the {peak:.0f} TFLOP/s bf16 peak "
-                      f"(the run at peak: {p['minutes_at_peak']:.1f} min)")
-            else:
-                print(f"  {achieved:.3f} TFLOP/s (bf16 peak unknown here: pass --peak-tflops)")
+            print(f"  {r['precision']:9s} {str(r['captured']):8s} {r['forward_ms']:10.2f} {r['attack_pass_ms']:16.2f} "
+                  f"{r['warmup_s']:9.1f}")
 
-    if "real" not in args.skip:
+    steps: list[dict[str, Any]] = []
+    if "steps" in wanted or "projection" in wanted:
+        first = tuple(m for m in ("mma", "pgd_at") if m in args.methods or m == "mma")
+        if budget.allows("steps", 240 if size is FULL else 10):
+            steps += step_times(device, size, size.batch, first, ("eager", "captured"), reps, backend)
+        others = tuple(m for m in args.methods if m not in first) if "steps" in wanted else ()
+        for method in others:
+            if budget.allows(f"steps:{method}", 150 if size is FULL else 5):
+                steps += step_times(device, size, size.batch, (method,), ("eager", "captured"), reps, backend)
+        report["steps"] = steps
+        if steps:
+            print_steps(f"[3] training steps, WRN-{size.depth}-{size.width}, Linf, K={size.nb_iter}, "
+                        f"{'bf16' if device.type == 'cuda' else 'fp32'} + channels_last (median of {reps} alternated)",
+                        steps)
+            by = {(r["method"], r["variant"]): r for r in steps}
+            for variant in ("eager", "captured"):
+                if ("mma", variant) in by and ("pgd_at", variant) in by:
+                    print(f"  MMA / PGD-AT ({variant}): {by['mma', variant]['ms'] / by['pgd_at', variant]['ms']:.3f}")
+            if ("mma", "captured") in by:
+                print(f"  captured / eager MMA step: {by['mma', 'captured']['ms'] / by['mma', 'eager']['ms']:.3f}")
+
+    mma_rows = [r for r in steps if r["method"] == "mma"]
+    if "projection" in wanted and mma_rows:
+        passes = count_passes(device, size)
+        best = min(mma_rows, key=lambda r: r["ms"])
+        flops = step_flops(passes["mma"], training_passes=2, batch=size.batch)
+        achieved = flops / (best["ms"] / 1e3) / 1e12
+        peak = bf16_peak_tflops(device, args.peak_tflops)
+        report["projection"] = p = {
+            "mma_passes": passes["mma"], "pgd_at_passes": passes["pgd_at"], "best_variant": best["variant"],
+            "mma_step_ms": best["ms"], "projected_50k_minutes": PAPER_STEPS * best["ms"] / 1e3 / 60,
+            "flop_per_step_wrn28_4": flops, "achieved_tflops": achieved, "bf16_peak_tflops": peak,
+            "fraction_of_peak": achieved / peak if peak else None,
+            "minutes_at_peak": PAPER_STEPS * flops / (peak * 1e12) / 60 if peak else None}
+        print(f"\n[4] paper run (CIFAR10 MMA-32, {PAPER_STEPS} steps of batch {size.batch}) at the fastest MMA step "
+              f"({p['best_variant']}, {p['mma_step_ms']:.1f} ms): {p['projected_50k_minutes']:.1f} min of training "
+              f"steps (target <= {TARGETS['paper_run_minutes']:.0f} min through mma-train, section 6's factor)")
+        print(f"  MMA step passes: {passes['mma']['forwards']} forwards, {passes['mma']['backwards']} backwards "
+              f"(2 with weight gradients) -> {flops / 1e12:.2f} TFLOP per step")
+        if peak:
+            print(f"  {achieved:.1f} TFLOP/s = {p['fraction_of_peak']:.1%} of the {peak:.0f} TFLOP/s bf16 peak "
+                  f"(the run at peak: {p['minutes_at_peak']:.1f} min)")
+
+    if "batch" in wanted:
+        rows = []
+        for batch in size.big_batches:
+            if budget.allows(f"batch:{batch}", 150 if size is FULL else 5):
+                rows += step_times(device, size, batch, ("mma",), ("captured",), reps, backend)
+        report["batch"] = rows
+        if rows:
+            print_steps(f"[5] captured MMA step at large batches (target >= {TARGETS['batch512_img_per_s']:.0f} img/s "
+                        "at 512)", rows)
+
+    if "train" in wanted and budget.allows("train", 240 if size is FULL else 20):
+        report["train"] = t = command_line_run(device, size, args.data_dir, args.out_dir, backend)
+        cli = f"{t['cli_step_ms']:.1f} ms" if t["cli_step_ms"] else "-"
+        ratio = f"{t['cli_over_isolated']:.3f}" if t["cli_over_isolated"] else "-"
+        print(f"\n[6] mma-train (cifar10_linf_mma32 recipe on Fashion-MNIST, {t['precision']}, compile_step "
+              f"{t['compile_step']}), {t['steps']} steps in {t['wall_s']:.0f} s: a step {cli} against the isolated "
+              f"captured step {t['isolated_step_ms']:.1f} ms -> {ratio} (target <= 1.10)")
+        if "projection" in report and t["cli_over_isolated"]:
+            minutes = report["projection"]["projected_50k_minutes"] * t["cli_over_isolated"]
+            report["projection"]["projected_50k_minutes_cli"] = minutes
+            print(f"  the paper run through mma-train: {minutes:.1f} min (target <= {TARGETS['paper_run_minutes']:.0f})")
+
+    if "eval" in wanted and budget.allows("eval", 120 if size is FULL else 20):
+        report["eval"] = e = evaluation_speed(device, size, backend)
+        print(f"\n[7] evaluate_model, evaluation=fast settings, {e['points']} CIFAR10-shaped points, batch {e['batch']}: "
+              f"{e['seconds']:.1f} s, {e['img_per_s']:.0f} img/s -> 10,000 points in {e['projected_10k_s']:.0f} s "
+              f"(target <= {TARGETS['eval_fast_10k_seconds']:.0f} s)")
+
+    if "real" in wanted and budget.allows("real", 60 if size is FULL else 10):
         precision = "bf16-mixed" if device.type == "cuda" else "32-true"
-        report["real"] = real_data_run(device, size, precision, args.npz)
-        r = report["real"]
-        print(f"\n[4] Fashion-MNIST, LeNet5-Madry, MMA (Linf, d_max 0.2), {r['steps']} steps of batch "
+        report["real"] = r = real_data_run(device, size, precision, args.npz)
+        print(f"\n[8] Fashion-MNIST, LeNet5-Madry, MMA (Linf, d_max 0.2), {r['steps']} steps of batch "
               f"{size.real_batch}, {precision}, {r['seconds']:.0f} s: train/avg_eps {r['train/avg_eps']:.4f}, "
               f"val/robust_acc {r['val/robust_acc']:.4f} (eps 0.1, {size.real_val} test images), "
               f"val/acc {r['val/acc']:.4f}, val/avg_eps {r['val/avg_eps']:.4f}")
 
+    report["skipped"] = budget.skipped
     report["total_seconds"] = time.perf_counter() - started
-    print(f"\ntotal {report['total_seconds']:.0f} s")
+    print(f"\ntotal {report['total_seconds']:.0f} s" + (f"; skipped: {', '.join(budget.skipped)}" if budget.skipped
+                                                        else ""))
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2, default=str))
     return report

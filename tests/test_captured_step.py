@@ -200,6 +200,26 @@ def test_a_training_batch_of_another_size_is_skipped_with_a_warning() -> None:
     assert compiled_graphs() == 1
 
 
+def test_evaluation_with_captured_passes_gives_the_eager_figures() -> None:
+    """evaluate_model(capture=...): the PGD runs (alive points padded to a few sizes) and margin searches through
+    CapturedModel give the eager evaluation's figures (on the CPU the random starts of a padded batch begin
+    with the unpadded batch's draws), and compile one graph per pass kind, not per batch size."""
+    from mma_lightning.evaluation import evaluate_model
+
+    net = conv_net().eval()
+    x, y = images(70, seed=5)
+    settings = dict(nb_iter=3, restarts=2, margin_nb_iter=3, margin_search_steps=3, sanity=False, batch_size=32,
+                    progress=False)
+    eager = evaluate_model(net, (x, y), "linf", [0.05, 0.1, 0.2], capture=False, **settings)
+    captured = evaluate_model(net, (x, y), "linf", [0.05, 0.1, 0.2], capture=EAGER, **settings)
+    assert eager.pgd.robust_accuracy == captured.pgd.robust_accuracy
+    assert 0 < eager.pgd.robust_accuracy[0] < 1
+    assert torch.equal(eager.margins.eps, captured.margins.eps)
+    # a few graphs (autograd on / off, parameters frozen or not, static then symbolic batch), none per size:
+    # 3 eps x 2 losses x 2 restarts of shrinking subsets of 3 batches met many sizes
+    assert compiled_graphs() <= 8
+
+
 # --- the long-run guarantees with the switch on ---------------------------------------------------------------
 def captured_module() -> MMAModule:
     """test_resume's MMA module (dropout, random starts) with the captured step."""

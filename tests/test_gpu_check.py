@@ -27,16 +27,22 @@ def load_script():
 def test_gpu_check_reduced_mode_runs_every_section(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     gpu_check = load_script()
     out = tmp_path / "report.json"
-    report = gpu_check.main(["--device", "cpu", "--reps", "1", "--compile-backend", "eager",
-                             "--npz", str(tmp_path / "fashion_mnist.npz"), "--json", str(out)])
+    report = gpu_check.main(["--device", "cpu", "--reps", "1", "--compile-backend", "eager", "--budget-min", "1000",
+                             "--methods", "mma", "pgd_at", "--npz", str(tmp_path / "fashion_mnist.npz"),
+                             "--data-dir", "/usr/share/datasets/fashion-mnist", "--out-dir", str(tmp_path / "run"),
+                             "--json", str(out)])
     printed = capsys.readouterr().out
-    assert json.loads(out.read_text())["size"]["batch"] == gpu_check.REDUCED.batch
-    assert report["sync"]["ran"] is False and "CUDA-only" in printed
-    assert [r["variant"] for r in report["speed"]] == list(gpu_check.VARIANTS)
-    for row in report["speed"]:
-        assert row["mma_ms"] > 0 and row["pgd_at_ms"] > 0
-        assert row["ratio"] == pytest.approx(row["mma_ms"] / row["pgd_at_ms"])
     size = gpu_check.REDUCED
+    assert json.loads(out.read_text())["size"]["batch"] == size.batch
+    assert report["skipped"] == []
+    assert report["sync"]["ran"] is False and "CUDA-only" in printed
+    assert [(r["precision"], r["captured"]) for r in report["passes"]] == [
+        ("fp32", False), ("bf16", False), ("fp32", True), ("bf16", True)]
+    assert {(r["method"], r["variant"]) for r in report["steps"]} == {
+        (m, v) for m in ("mma", "pgd_at") for v in ("eager", "captured")}
+    for row in report["steps"] + report["batch"]:
+        assert row["ms"] > 0 and row["img_per_s"] == pytest.approx(row["batch"] / (row["ms"] / 1e3))
+    assert [r["batch"] for r in report["batch"]] == list(size.big_batches)
     p = report["projection"]
     # MMA: clean + mixed training forwards, K PGD forwards, S search forwards; K input + 2 training backwards
     assert p["mma_passes"] == {"forwards": 2 + size.nb_iter + size.search_steps, "backwards": size.nb_iter + 2}
@@ -44,8 +50,20 @@ def test_gpu_check_reduced_mode_runs_every_section(tmp_path: Path, capsys: pytes
     units = (2 + size.nb_iter + size.search_steps) + size.nb_iter + 2 * 2
     assert p["flop_per_step_wrn28_4"] == pytest.approx(units * size.batch * 1.69e9)
     assert p["projected_50k_minutes"] == pytest.approx(50_000 * p["mma_step_ms"] / 1e3 / 60)
+    train = report["train"]  # the command line's run: its steps timed, next to the isolated captured step
+    assert train["steps"] == size.train_steps and train["cli_step_ms"] > 0 and train["isolated_step_ms"] > 0
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    ev = report["eval"]
+    assert ev["points"] == size.eval_points and ev["clean_acc"] == 1.0 and ev["img_per_s"] > 0
     real = report["real"]
     assert real["steps"] == size.real_steps and 0 <= real["val/robust_acc"] <= real["val/acc"] <= 1
     assert real["train/avg_eps"] is not None and real["train/avg_eps"] >= 0
     assert (tmp_path / "fashion_mnist.npz").is_file()
-    assert "[4] Fashion-MNIST" in printed and "total" in printed
+    assert "[8] Fashion-MNIST" in printed and "total" in printed
+
+
+def test_gpu_check_budget_skips_and_names_what_does_not_fit(capsys: pytest.CaptureFixture[str]) -> None:
+    gpu_check = load_script()
+    report = gpu_check.main(["--device", "cpu", "--only", "eval", "real", "--budget-min", "0"])
+    assert report["skipped"] == ["eval", "real"] and "eval" not in report
+    assert "[eval] skipped" in capsys.readouterr().out

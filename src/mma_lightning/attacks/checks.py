@@ -16,6 +16,8 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
+from mma_lightning.attacks.gradients import traced
+
 _HOST_CHECKS: ContextVar[bool] = ContextVar("mma_lightning_host_checks", default=True)
 
 
@@ -33,9 +35,9 @@ def host_checks(enabled: bool) -> Iterator[None]:
 
 
 def host_checks_enabled() -> bool:
-    """Whether the value checks run here (see :func:`host_checks`); never inside ``torch.compile`` (a captured
-    step runs after its stage's first batch, whose eager step ran the checks)."""
-    return not torch.compiler.is_compiling() and _HOST_CHECKS.get()
+    """Whether the value checks run here (see :func:`host_checks`); never inside ``torch.compile`` or a
+    ``torch.func`` transform, which cannot read values (a captured step's caller checks its first batch)."""
+    return not traced() and _HOST_CHECKS.get()
 
 
 def check_batch(x: Tensor, y: Tensor) -> None:

@@ -66,6 +66,6 @@ def grad_enabled_outside_inference() -> Iterator[None]:
 
 def usable_for_autograd(t: Tensor) -> Tensor:
     """A normal-tensor copy of an inference tensor (which autograd refuses to save); other tensors as they are."""
-    if traced():  # a compiled step gets normal tensors (its caller, mma_lightning.methods.capture, sees to it)
+    if traced():  # a captured function gets normal tensors (its caller sees to it: methods.base)
         return t
     return t.clone() if t.is_inference() else t

@@ -7,7 +7,7 @@ compute it, with the same result:
 - eager: ``torch.autograd.grad`` of the summed objective with respect to the point (the caller freezes the
   parameters with :func:`~mma_lightning.attacks.context.frozen_parameters`, so a compiled backbone's fused
   backward computes the input gradient alone);
-- inside ``torch.compile`` (the captured training step, :mod:`mma_lightning.methods.capture`) or a
+- inside ``torch.compile`` (the captured training step, :mod:`mma_lightning.capture`) or a
   ``torch.func`` transform (``vmap``), where ``torch.autograd.grad`` and ``requires_grad_`` cannot be traced:
   ``torch.func.grad``, which differentiates with respect to its argument only; its result is detached, so
   the training loss never differentiates through the attack's steps (as with the eager gradient).

@@ -58,6 +58,7 @@ from mma_lightning.evaluation import (
     eps_grid,
     write_report,
 )
+from mma_lightning.evaluation.batches import device_batch_size
 from mma_lightning.evaluation.cache import cache_key, data_fingerprint
 from mma_lightning.evaluation.evaluate import check_evaluation_settings
 from mma_lightning.evaluation.identity import model_identity
@@ -119,7 +120,7 @@ def evaluate(cfg: DictConfig) -> list[ModelEvaluation]:
     for ckpt in checkpoints:
         evaluation, metrics = evaluate_checkpoint(ckpt, evaluator, trainer, device,
                                                   max_samples=cfg.evaluation.get("max_samples"),
-                                                  cache_dir=cache_dir)
+                                                  cache_dir=cache_dir, batch_size=cfg.get("eval_batch_size"))
         evaluations.append(evaluation)
         if info_eps is not None:
             robustbench[ckpt.name] = (info_eps, model_info_fields(cfg.model_info, evaluation))
@@ -143,7 +144,7 @@ def evaluate(cfg: DictConfig) -> list[ModelEvaluation]:
 
 
 COMMAND_KEYS = ("seed", "device", "test_step", "title", "names", "cache_dir", "run_config", "model_file",
-                "model_source")
+                "model_source", "eval_batch_size")
 
 
 def check_command_settings(cfg: DictConfig) -> tuple[torch.device, bool]:
@@ -175,6 +176,10 @@ def check_command_settings(cfg: DictConfig) -> tuple[torch.device, bool]:
         raise ValueError(f"device={name!r} but CUDA is not available here: use device=cpu or device=null")
     if not isinstance(cfg.get("cache_dir"), (str, type(None))):
         raise ValueError(f"cache_dir must be a folder or null (no cache), got {cfg.get('cache_dir')!r}")
+    batch_size = cfg.get("eval_batch_size")
+    if batch_size != "auto" and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"eval_batch_size must be auto (on a GPU the largest that fits its memory, on a CPU the "
+                         f"run's data.eval_batch_size) or a positive integer, got {batch_size!r}")
     return device, bool(test_step)
 
 
@@ -458,7 +463,8 @@ def check_comparable(checkpoints: Sequence[Checkpoint]) -> None:
 
 def evaluate_checkpoint(ckpt: Checkpoint, evaluator: Callable[..., ModelEvaluation],
                         trainer: pl.Trainer | None, device: torch.device, *, max_samples: int | None = None,
-                        cache_dir: str | None = None) -> tuple[ModelEvaluation, dict[str, float] | None]:
+                        cache_dir: str | None = None, batch_size: int | str | None = "auto"
+                        ) -> tuple[ModelEvaluation, dict[str, float] | None]:
     """Rebuild the run of ``ckpt``, load its weights (a released model: the method around the model
     :func:`load_pretrained` built), run the method's ``test_step`` (with a ``trainer``) and the robustness
     evaluation on the same test points (the first ``max_samples`` of the test split)."""
@@ -468,6 +474,7 @@ def evaluate_checkpoint(ckpt: Checkpoint, evaluator: Callable[..., ModelEvaluati
     loader = datamodule.test_dataloader()
     if not loader:
         raise ValueError(f"{ckpt.name}: the run's data has no test split to evaluate")
+    loader = with_device_batch_size(loader, getattr(module, "net", module), device, batch_size)
     metrics = None
     if trainer is not None:
         metrics = cached_test_split(trainer, module, first_points(loader, max_samples), ckpt, cache_dir)
@@ -490,6 +497,22 @@ def evaluate_checkpoint(ckpt: Checkpoint, evaluator: Callable[..., ModelEvaluati
                            clip_min=hp.get("clip_min", 0.0), clip_max=hp.get("clip_max", 1.0),
                            model_info=model_info, data_info=data_info, cache_dir=cache_dir)
     return evaluation, metrics
+
+
+def with_device_batch_size(loader: DataLoader, net: torch.nn.Module, device: torch.device,
+                           batch_size: int | str | None) -> DataLoader:
+    """The test loader with the evaluation's batch size: ``batch_size`` when given as a number; ``"auto"``: on a
+    GPU the largest that fits its memory (:func:`~mma_lightning.evaluation.batches.device_batch_size`; large
+    batches keep the card busy), on a CPU the run's own (``data.eval_batch_size``)."""
+    if batch_size is None or (batch_size == "auto" and device.type != "cuda"):
+        return loader
+    if batch_size == "auto":
+        example = loader.dataset[0][0]
+        batch_size = device_batch_size(net.to(device).eval(), torch.as_tensor(example))
+    if batch_size == loader.batch_size:
+        return loader
+    return DataLoader(loader.dataset, batch_size=int(batch_size), num_workers=loader.num_workers,
+                      collate_fn=loader.collate_fn, pin_memory=loader.pin_memory)
 
 
 def first_points(loader: DataLoader, max_samples: int | None) -> DataLoader:

@@ -20,7 +20,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm import tqdm  # plain text bars: no ipywidgets warning in notebooks
 
-from mma_lightning.attacks.context import usable_for_autograd
+from mma_lightning.attacks.context import (
+    frozen_parameters,
+    grad_enabled_outside_inference,
+    model_mode,
+    usable_for_autograd,
+)
 from mma_lightning.evaluation.sharding import ShardSampler, distributed_world
 
 EvalData = Union[DataLoader, Sequence[Tensor], Iterable[Any]]
@@ -38,6 +43,34 @@ def model_device(model: nn.Module) -> torch.device:
     for t in (*model.parameters(), *model.buffers()):
         return t.device
     return torch.device("cpu")
+
+
+DEVICE_BATCH_LIMIT = 2048
+"""The largest batch :func:`device_batch_size` picks: beyond it a GPU gains little (the passes are kernel-bound
+from about batch 512 on, docs/gpu-measurements.md)."""
+
+
+def device_batch_size(model: nn.Module, example: Tensor, limit: int = DEVICE_BATCH_LIMIT,
+                      memory_fraction: float = 0.5) -> int:
+    """An evaluation batch size for ``model`` on its CUDA device: the largest power of two up to ``limit`` whose
+    attack passes fit in ``memory_fraction`` of the free memory, measured by one forward and input-gradient pass
+    on a batch of 64 copies of ``example`` (one input, without the batch dimension). On the CPU: 256."""
+    device = model_device(model)
+    if device.type != "cuda":
+        return 256
+    probe = 64
+    x = example.to(device).unsqueeze(0).expand(probe, *example.shape).clone().requires_grad_(True)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    with grad_enabled_outside_inference(), frozen_parameters(model), model_mode(model, train=False):
+        (grad,) = torch.autograd.grad(model(x).float().logsumexp(dim=1).sum(), x)
+    per_sample = max(1, torch.cuda.max_memory_allocated(device) - before) / probe
+    del grad, x
+    free, _ = torch.cuda.mem_get_info(device)
+    fits = int(memory_fraction * free / per_sample)
+    size = 1 << max(0, min(limit, fits).bit_length() - 1)
+    return max(1, min(size, limit))
 
 
 def check_positive_int(name: str, value: int | None, optional: bool = False) -> None:

@@ -239,6 +239,7 @@ def evaluate_model(
     cache_dir: str | os.PathLike | None = None,
     model_info: Mapping[str, Any] | None = None,
     data_info: Mapping[str, Any] | None = None,
+    capture: bool | Mapping[str, Any] | None = None,
 ) -> ModelEvaluation:
     """Evaluate one model on ``data``: PGD protocol, margins, sanity checks and optionally AutoAttack.
 
@@ -251,7 +252,9 @@ def evaluate_model(
     extra (``pip install "mma-lightning[autoattack]"``). ``protocol`` names the protocol in the report
     (``"paper"`` is only kept when the settings are the paper's). ``cache_dir`` makes the evaluation
     resumable (module docstring). ``model_info`` / ``data_info`` (e.g. the checkpoint path, dataset and
-    split) are stored with computed fingerprints of the weights and the points.
+    split) are stored with computed fingerprints of the weights and the points. ``capture`` runs the PGD and
+    margin attacks' model passes as captured graphs (CUDA graphs; ``True`` or ``torch.compile`` arguments;
+    :class:`~mma_lightning.capture.CapturedModel`); ``None``: on when the model is on a CUDA device.
     """
     check_evaluation_settings({name: value for name, value in locals().items()
                                if name not in ("model", "data", "norm", "eps_grid")})
@@ -259,6 +262,8 @@ def evaluate_model(
     losses = check_losses(losses)
     if autoattack:
         load_torchattacks()  # fail before the long PGD run when the extra is missing
+    if capture is None:
+        capture = model_device(model).type == "cuda"
     common: dict[str, Any] = {"batch_size": batch_size, "max_samples": max_samples, "shard": shard,
                               "progress": progress}
     box = {"clip_min": clip_min, "clip_max": clip_max}
@@ -302,7 +307,7 @@ def evaluate_model(
         probe_samples=probe_samples)
     timer = TimeEstimate(name, cost, num_points, fast=protocol == "fast")
     pgd = robust_accuracy(model, data, norm, grid, **pgd_args, **common, cache=caches["pgd"],
-                          on_first_batch=timer)
+                          on_first_batch=timer, capture=capture)
     evaluation = ModelEvaluation(
         name=name, pgd=pgd,
         model_info={**(model_info or {}), **identity},
@@ -311,7 +316,7 @@ def evaluate_model(
     )
     if margins:
         evaluation.margins = estimate_margins(model, data, norm, max_eps, **margin_args, **common,
-                                              cache=caches["margins"])
+                                              cache=caches["margins"], capture=capture)
     if sanity:
         evaluation.sanity = gradient_masking_checks(model, data, pgd, probe_samples=probe_samples,
                                                     batch_size=batch_size, shard=shard, progress=progress)

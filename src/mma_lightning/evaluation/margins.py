@@ -12,6 +12,7 @@ A point misclassified clean has margin 0; a point for which no search succeeded 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from mma_lightning.attacks import find_margin
 from mma_lightning.attacks.margin import SEARCHES
 from mma_lightning.attacks.context import model_mode
+from mma_lightning.capture import CapturedModel
 from mma_lightning.evaluation.batches import (
     EvalData,
     check_positive_int,
@@ -31,7 +33,7 @@ from mma_lightning.evaluation.batches import (
 from mma_lightning.evaluation.cache import OutcomeCache
 from mma_lightning.evaluation.collect import SampleCollector
 from mma_lightning.evaluation.protocol import LOSSES, check_eps_grid, format_eps
-from mma_lightning.evaluation.robustness import check_losses, check_norm, restart_seed
+from mma_lightning.evaluation.robustness import bucket_size, check_losses, check_norm, pad_batch, restart_seed
 from mma_lightning.evaluation.sharding import distributed_world
 
 QUARTILES = (0.25, 0.5, 0.75)
@@ -109,6 +111,37 @@ def summarize_margins(eps: Tensor, thresholds: Sequence[float] = (),
     )
 
 
+class MarginSearch:
+    """One :func:`find_margin` search on a batch (success = misclassified): ``(eps, success)`` per sample.
+
+    With ``capture`` (``True`` or ``torch.compile`` arguments) the model's passes run as captured graphs
+    (:class:`~mma_lightning.capture.CapturedModel`: CUDA graphs on a GPU) and the batch is padded to
+    :func:`~mma_lightning.evaluation.robustness.bucket_size` (the last batch of a split is shorter).
+    """
+
+    def __init__(self, model: nn.Module, norm: str, max_eps: float, nb_iter: int, search_steps: int,
+                 step_scale: float, rand_init: bool, clip_min: float | None, clip_max: float | None, search: str,
+                 capture: bool | Mapping[str, Any] = False) -> None:
+        self.model = model if capture is False else CapturedModel(model, capture)
+        self.padded = capture is not False
+        self.norm, self.max_eps = norm, max_eps
+        self.settings = dict(nb_iter=nb_iter, search_steps=search_steps, step_scale=step_scale,
+                             rand_init=rand_init, clip_min=clip_min, clip_max=clip_max, success="argmax",
+                             search=search)
+
+    def __call__(self, x: Tensor, y: Tensor, logits: Tensor, start: float, loss: str,
+                 generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """``(eps, success)`` of the search from radius ``start`` with PGD objective ``loss``."""
+        n = x.shape[0]
+        if self.padded:
+            size = bucket_size(n)
+            x, y = pad_batch(x, y, size)
+            logits = torch.cat([logits, logits[:1].expand(size - n, -1)])
+        res = find_margin(self.model, x, y, self.norm, init_eps=start, max_eps=self.max_eps, loss=loss,
+                          generator=generator, clean_logits=logits, **self.settings)
+        return res.eps[:n], res.success[:n]
+
+
 def estimate_margins(
     model: nn.Module,
     data: EvalData,
@@ -131,6 +164,7 @@ def estimate_margins(
     shard: bool | None = None,
     progress: bool = False,
     cache: OutcomeCache | None = None,
+    capture: bool | Mapping[str, Any] = False,
 ) -> MarginEstimates:
     """Per-sample margin estimates: the smallest of several :func:`find_margin` searches per sample.
 
@@ -149,7 +183,8 @@ def estimate_margins(
         restarts: seeded random restarts per (radius, loss).
         search: the margin search after PGD, passed to :func:`find_margin`: ``"bisection"`` (the
             reference's) or ``"refined"``.
-        batch_size, max_samples, shard, progress, cache: as for :func:`robust_accuracy`.
+        batch_size, max_samples, shard, progress, cache, capture: as for :func:`robust_accuracy`
+            (``capture``: each search as a captured graph, :class:`MarginSearch`).
     """
     norm = check_norm(norm)
     if not (isinstance(max_eps, (int, float)) and 0 < max_eps < float("inf")):
@@ -172,6 +207,8 @@ def estimate_margins(
     collector = SampleCollector(["eps", "found", "correct"], device, sync=resolve_shard(shard))
     batches = evaluation_batches(data, device, batch_size=batch_size, max_samples=max_samples, shard=shard,
                                  progress=progress, desc=f"margins {norm}")
+    run = MarginSearch(model, norm, float(max_eps), nb_iter, search_steps, step_scale, rand_init, clip_min,
+                       clip_max, search, capture)
     with torch.inference_mode(False), torch.no_grad(), model_mode(model, train=False):
         for b, (x, y, index) in enumerate(batches):
             columns = None if cache is None else cache.get(b, device)
@@ -184,13 +221,9 @@ def estimate_margins(
                         for r in range(restarts):
                             run_seed = restart_seed(seed, k, li, r, b, rank)
                             generator = torch.Generator(device=device).manual_seed(run_seed)
-                            res = find_margin(model, x, y, norm, init_eps=start, max_eps=max_eps,
-                                              nb_iter=nb_iter, search_steps=search_steps, loss=loss,
-                                              rand_init=rand_init, step_scale=step_scale, clip_min=clip_min,
-                                              clip_max=clip_max, success="argmax", generator=generator,
-                                              clean_logits=logits, search=search)
-                            best = torch.where(res.success, torch.minimum(best, res.eps), best)
-                            found = found | res.success
+                            eps, success = run(x, y, logits, start, loss, generator)
+                            best = torch.where(success, torch.minimum(best, eps), best)
+                            found = found | success
                 columns = {"eps": best, "found": found, "correct": logits.argmax(dim=1) == y}
                 if cache is not None:
                     cache.put(b, columns)

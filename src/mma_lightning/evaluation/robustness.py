@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -27,6 +28,7 @@ from mma_lightning.attacks import get_norm, pgd
 from mma_lightning.attacks.context import model_mode
 from mma_lightning.attacks.losses import LOSSES as LOSS_FUNCTIONS
 from mma_lightning.attacks.norms import NORM_NAMES
+from mma_lightning.capture import CapturedModel
 from mma_lightning.evaluation.batches import (
     EvalData,
     check_positive_int,
@@ -143,6 +145,49 @@ def restart_seed(seed: int, *parts: int) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
+class PGDRun:
+    """One whitebox PGD run on a batch and its verdict: which points it misclassifies (``[B]`` bool).
+
+    The unit the evaluation repeats per eps, loss and restart. With ``capture`` (``True`` or ``torch.compile``
+    arguments) the model's passes run as captured graphs (:class:`~mma_lightning.capture.CapturedModel`: CUDA
+    graphs on a GPU) and the batch is padded to a few sizes (:func:`bucket_size`, copies of its first point),
+    so that the shrinking subsets of points still alive need a handful of recorded graphs; the random start is
+    then drawn for the padded batch.
+    """
+
+    def __init__(self, model: nn.Module, norm: str, nb_iter: int, rand_init: bool, clip_min: float | None,
+                 clip_max: float | None, capture: bool | Mapping[str, Any] = False) -> None:
+        self.model = model if capture is False else CapturedModel(model, capture)
+        self.padded = capture is not False
+        self.norm, self.nb_iter, self.rand_init = norm, nb_iter, rand_init
+        self.clip_min, self.clip_max = clip_min, clip_max
+
+    def __call__(self, x: Tensor, y: Tensor, eps: float, step: float, loss: str,
+                 generator: torch.Generator) -> Tensor:
+        """Whether each point of ``(x, y)`` is misclassified after PGD of radius ``eps`` and step ``step``."""
+        n = x.shape[0]
+        if self.padded:
+            x, y = pad_batch(x, y, bucket_size(n))
+        x_adv = pgd(self.model, x, y, self.norm, eps, self.nb_iter, step, loss=loss, rand_init=self.rand_init,
+                    clip_min=self.clip_min, clip_max=self.clip_max, generator=generator)
+        with torch.no_grad():
+            return (self.model(x_adv).argmax(dim=1) != y)[:n]
+
+
+def bucket_size(n: int) -> int:
+    """The captured attack's batch size for ``n`` points: the next power of two (at least 8), so that the
+    shrinking subsets of points still alive take a handful of sizes (each one graph, recorded once)."""
+    return max(8, 1 << (n - 1).bit_length())
+
+
+def pad_batch(x: Tensor, y: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """``(x, y)`` padded to ``size`` rows with copies of the first row (returned as they are if not shorter)."""
+    pad = size - x.shape[0]
+    if pad <= 0:
+        return x, y
+    return torch.cat([x, x[:1].expand(pad, *x.shape[1:])]), torch.cat([y, y[:1].expand(pad)])
+
+
 def worst_case_robust(
     model: nn.Module,
     x: Tensor,
@@ -159,28 +204,27 @@ def worst_case_robust(
     clip_min: float | None,
     clip_max: float | None,
     seeds: Sequence[int],
+    run: PGDRun | None = None,
 ) -> Tensor:
     """Per-sample worst case over all attacks at one eps: robust iff ``correct`` and every PGD run fails.
 
     Runs ``len(losses) * restarts`` PGD attacks (``seeds`` gives one seed per run, loss-major); a point broken
     by one run is not attacked again. Returns ``[B]`` bool. The model is used as it is (the caller sets eval
-    mode); ``pgd`` restores every flag it touches and never touches parameter gradients.
+    mode); ``pgd`` restores every flag it touches and never touches parameter gradients. ``run``: how one
+    attack runs (:class:`PGDRun`, e.g. captured); default the eager run of these settings.
     """
     runs = [(loss, r) for loss in losses for r in range(restarts)]
     if len(seeds) != len(runs):
         raise ValueError(f"seeds must hold one seed per run, len(losses) * restarts = {len(runs)}, "
                          f"got {len(seeds)}")
+    run = run or PGDRun(model, norm, nb_iter, rand_init, clip_min, clip_max)
     alive = correct.clone()
     for (loss, _), seed in zip(runs, seeds):
         rows = alive.nonzero().squeeze(1)  # one host sync per restart: drop the points already broken
         if rows.numel() == 0:
             break
         generator = torch.Generator(device=x.device).manual_seed(seed)
-        x_adv = pgd(model, x[rows], y[rows], norm, eps, nb_iter, step_fraction * eps, loss=loss,
-                    rand_init=rand_init, clip_min=clip_min, clip_max=clip_max, generator=generator)
-        with torch.no_grad():
-            broken = model(x_adv).argmax(dim=1) != y[rows]
-        alive[rows] = ~broken
+        alive[rows] = ~run(x[rows], y[rows], eps, step_fraction * eps, loss, generator)
     return alive
 
 
@@ -221,6 +265,7 @@ def robust_accuracy(
     progress: bool = False,
     cache: OutcomeCache | None = None,
     on_first_batch: Callable[[float, int], None] | None = None,
+    capture: bool | Mapping[str, Any] = False,
 ) -> RobustnessResult:
     """Whitebox PGD robust accuracy at every eps of ``eps_grid``, worst case per sample over all attacks.
 
@@ -254,6 +299,9 @@ def robust_accuracy(
             batches are not attacked again, new ones are stored.
         on_first_batch: called once with the seconds the first attacked batch took and its size (for a time
             estimate).
+        capture: run the model's passes as captured graphs (:class:`PGDRun`; CUDA graphs on a GPU): ``True``
+            or a dict of ``torch.compile`` arguments. The same attacks; the random starts are drawn for the
+            padded batch, so they differ from the eager run's draws.
     """
     norm = check_norm(norm)
     grid = check_eps_grid(eps_grid)
@@ -275,6 +323,7 @@ def robust_accuracy(
     batches = evaluation_batches(data, device, batch_size=batch_size, max_samples=max_samples, shard=shard,
                                  progress=progress, desc=f"PGD {norm}")
     timed = on_first_batch is not None
+    run = PGDRun(model, norm, nb_iter, rand_init, clip_min, clip_max, capture)
     with torch.inference_mode(False), torch.no_grad(), model_mode(model, train=False):
         for b, (x, y, index) in enumerate(batches):
             columns = None if cache is None else cache.get(b, device)
@@ -288,7 +337,7 @@ def robust_accuracy(
                     columns[f"robust@{k}"] = worst_case_robust(
                         model, x, y, correct, norm, eps, nb_iter=nb_iter, restarts=restarts, losses=losses,
                         step_fraction=fraction, rand_init=rand_init, clip_min=clip_min, clip_max=clip_max,
-                        seeds=seeds)
+                        seeds=seeds, run=run)
                 if cache is not None:
                     cache.put(b, {"index": index, **columns})
                 if timed and on_first_batch is not None:

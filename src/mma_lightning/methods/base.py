@@ -32,7 +32,7 @@ from mma_lightning.attacks.margin import check_search
 from mma_lightning.attacks.checks import check_batch, check_labels, host_checks, host_checks_enabled
 from mma_lightning.attacks.context import model_mode
 from mma_lightning.attacks.norms import NORM_NAMES
-from mma_lightning.methods.capture import CapturedStep, check_compile_step
+from mma_lightning.capture import Captured, check_compile_step
 from mma_lightning.methods.random_state import CHECKPOINT_KEY as RANDOM_STREAMS_KEY
 from mma_lightning.methods.random_state import RandomStreams
 
@@ -96,10 +96,13 @@ class AdversarialModuleLogic:
             (lightning-notes 7); every forward of the step keeps its batch shape, so after warm-up nothing
             recompiles.
         compile_step: capture the whole training step (clean forward, attacks, margin search, loss) and the
-            validation's attack: ``torch.compile(fullgraph=True, dynamic=False)`` of the method's step
-            function, on CUDA with ``mode="reduce-overhead"`` (CUDA graphs; :mod:`.capture`). ``True``, or a dict
-            of ``torch.compile`` arguments. The first batch of each stage runs eagerly (value checks); a later
-            training batch of another size is skipped (one warning), an evaluation batch is padded.
+            validation's attack: ``torch.compile(fullgraph=True, dynamic=False)`` of :meth:`step_loss` and
+            :meth:`eval_outputs`, on CUDA with ``mode="reduce-overhead"`` (CUDA graphs;
+            :mod:`mma_lightning.capture`). ``True``, or a dict of ``torch.compile`` arguments. Outside the graph,
+            eagerly: the random draws (from the module's generator, so exact resume holds), the eps table's
+            lookup and update, the metrics and logs, and on each stage's first batch the value checks
+            (:meth:`check_batch_values`). A training batch of another size than the first is skipped (one
+            warning; the library's loaders drop the short last batch), an evaluation batch is padded.
         channels_last: store the backbone's 4-D weights and every 4-D input batch in ``channels_last``
             memory format (faster convolutions under bf16 on recent GPUs).
         debug_checks: run the attacks' value checks (finite inputs, label range, radii: one host sync
@@ -176,8 +179,8 @@ class AdversarialModuleLogic:
                                    for name in ("acc", "robust_acc", "avg_eps", "loss")}) for stage in EVAL_STAGES}
         )
         option = {} if compile_step is True else compile_step  # kept as given: a DictConfig stays picklable
-        self._train_graph = CapturedStep(self._train_graph_fn, option) if compile_step is not False else None
-        self._eval_graph = CapturedStep(self._eval_graph_fn, option) if compile_step is not False else None
+        self._train_graph = Captured(self._train_graph_fn, option) if compile_step is not False else None
+        self._eval_graph = Captured(self._eval_graph_fn, option) if compile_step is not False else None
         self._captured_batch: dict[str, int] = {}  # the batch size each stage's graph takes
         self._skip_warned: set[str] = set()
 
@@ -192,7 +195,7 @@ class AdversarialModuleLogic:
     # --- training -----------------------------------------------------------------------------------------
     def step_inputs(self, x: Tensor, y: Tensor, index: Tensor | None) -> dict[str, Any]:
         """What one training step needs besides the batch, made eagerly before it: random draws from the
-        module's generator, table lookups (a compiled step cannot hold them; :mod:`.capture`). None here."""
+        module's generator, table lookups (a captured step cannot hold them). None here."""
         return {}
 
     def step_loss(self, net: nn.Module, hp: Any, x: Tensor, y: Tensor,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import pickle
 import signal
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -21,6 +22,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
 from torch._dynamo.utils import counters
@@ -221,13 +223,13 @@ def test_evaluation_with_captured_passes_gives_the_eager_figures() -> None:
 
 
 # --- the long-run guarantees with the switch on ---------------------------------------------------------------
-def captured_module() -> MMAModule:
+def captured_module(compile_step: bool | dict[str, Any] = EAGER) -> MMAModule:
     """test_resume's MMA module (dropout, random starts) with the captured step."""
     pl.seed_everything(0)
     net = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 3))
     return MMAModule(net, norm="linf", max_eps=0.2, min_eps=0.02, nb_iter=2, search_steps=3, eval_eps=0.05,
                      eval_nb_iter=2, eval_search_steps=2, optimizer=partial(torch.optim.Adam, lr=1e-2),
-                     compile_step=EAGER)
+                     compile_step=compile_step)
 
 
 def trainer_for(root: Path, steps: int, *callbacks: pl.Callback, **kwargs: Any) -> pl.Trainer:
@@ -286,6 +288,39 @@ def test_stop_on_signal_with_the_captured_step(tmp_path: Path) -> None:
     pl.seed_everything(0)
     trainer_for(tmp_path / "resumed", 8).fit(resumed, datamodule=data(), ckpt_path=str(last))
     assert max_diff(straight, resumed) == 0.0
+
+
+class SaveState(pl.Callback):
+    """Each rank saves its module's state dict (weights, eps table) at the end of training."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        torch.save({k: v.cpu() for k, v in module.state_dict().items()}, self.out / f"rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_with_the_captured_step_equal_the_eager_ddp_run(tmp_path: Path) -> None:
+    """2 CPU processes (ddp_spawn, gloo): each rank's graph, the gathered eps-table updates outside it and DDP's
+    gradient averaging after the graph's backward give the eager DDP run's weights and one global eps table."""
+    states = {}
+    for name, option in (("eager", False), ("captured", EAGER)):
+        out = tmp_path / name
+        out.mkdir()
+        module = captured_module(option)
+        trainer = pl.Trainer(accelerator="cpu", devices=2, max_steps=6, logger=False, enable_checkpointing=False,
+                             strategy=DDPStrategy(start_method="spawn", timeout=timedelta(seconds=120)),
+                             callbacks=[SaveState(out)], limit_val_batches=0, enable_progress_bar=False,
+                             enable_model_summary=False, deterministic=True)
+        pl.seed_everything(0)
+        trainer.fit(module, datamodule=data())
+        states[name] = [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
+    for rank in (0, 1):
+        assert torch.equal(states["captured"][rank]["eps_store.eps"], states["captured"][0]["eps_store.eps"])
+        for key, value in states["eager"][rank].items():
+            assert torch.allclose(value.double(), states["captured"][rank][key].double(), atol=1e-6), key
+    assert bool((states["captured"][0]["eps_store.eps"] > 0).any())
 
 
 # --- the switch itself ----------------------------------------------------------------------------------------------

@@ -93,6 +93,20 @@ class Captured:
         return {**self.__dict__, "_compiled": None, "_cuda_graphs": False}
 
 
+def bucket_size(n: int) -> int:
+    """A captured graph's batch size for ``n`` points: the next power of two (at least 8), so that the
+    shrinking subsets of points still alive take a handful of sizes (each one graph, recorded once)."""
+    return max(8, 1 << (n - 1).bit_length())
+
+
+def pad_batch(x: Tensor, y: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """``(x, y)`` padded to ``size`` rows with copies of the first row (returned as they are if not shorter)."""
+    pad = size - x.shape[0]
+    if pad <= 0:
+        return x, y
+    return torch.cat([x, x[:1].expand(pad, *x.shape[1:])]), torch.cat([y, y[:1].expand(pad)])
+
+
 class CapturedModel(nn.Module):
     """``model`` whose forward runs as a compiled graph (CUDA graphs on a GPU), for the evaluation's attacks.
 

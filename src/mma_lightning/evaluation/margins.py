@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from mma_lightning.attacks import find_margin
 from mma_lightning.attacks.margin import SEARCHES
 from mma_lightning.attacks.context import model_mode
-from mma_lightning.capture import CapturedModel
+from mma_lightning.capture import CapturedModel, bucket_size, pad_batch
 from mma_lightning.evaluation.batches import (
     EvalData,
     check_positive_int,
@@ -33,7 +33,7 @@ from mma_lightning.evaluation.batches import (
 from mma_lightning.evaluation.cache import OutcomeCache
 from mma_lightning.evaluation.collect import SampleCollector
 from mma_lightning.evaluation.protocol import LOSSES, check_eps_grid, format_eps
-from mma_lightning.evaluation.robustness import bucket_size, check_losses, check_norm, pad_batch, restart_seed
+from mma_lightning.evaluation.robustness import check_losses, check_norm, restart_seed
 from mma_lightning.evaluation.sharding import distributed_world
 
 QUARTILES = (0.25, 0.5, 0.75)
@@ -116,7 +116,7 @@ class MarginSearch:
 
     With ``capture`` (``True`` or ``torch.compile`` arguments) the model's passes run as captured graphs
     (:class:`~mma_lightning.capture.CapturedModel`: CUDA graphs on a GPU) and the batch is padded to
-    :func:`~mma_lightning.evaluation.robustness.bucket_size` (the last batch of a split is shorter).
+    :func:`~mma_lightning.capture.bucket_size` (the last batch of a split is shorter).
     """
 
     def __init__(self, model: nn.Module, norm: str, max_eps: float, nb_iter: int, search_steps: int,

@@ -28,7 +28,7 @@ from mma_lightning.attacks import get_norm, pgd
 from mma_lightning.attacks.context import model_mode
 from mma_lightning.attacks.losses import LOSSES as LOSS_FUNCTIONS
 from mma_lightning.attacks.norms import NORM_NAMES
-from mma_lightning.capture import CapturedModel
+from mma_lightning.capture import CapturedModel, bucket_size, pad_batch
 from mma_lightning.evaluation.batches import (
     EvalData,
     check_positive_int,
@@ -150,7 +150,7 @@ class PGDRun:
 
     The unit the evaluation repeats per eps, loss and restart. With ``capture`` (``True`` or ``torch.compile``
     arguments) the model's passes run as captured graphs (:class:`~mma_lightning.capture.CapturedModel`: CUDA
-    graphs on a GPU) and the batch is padded to a few sizes (:func:`bucket_size`, copies of its first point),
+    graphs on a GPU) and the batch is padded to a few sizes (:func:`~mma_lightning.capture.bucket_size`, copies of its first point),
     so that the shrinking subsets of points still alive need a handful of recorded graphs; the random start is
     then drawn for the padded batch.
     """
@@ -172,20 +172,6 @@ class PGDRun:
                     clip_min=self.clip_min, clip_max=self.clip_max, generator=generator)
         with torch.no_grad():
             return (self.model(x_adv).argmax(dim=1) != y)[:n]
-
-
-def bucket_size(n: int) -> int:
-    """The captured attack's batch size for ``n`` points: the next power of two (at least 8), so that the
-    shrinking subsets of points still alive take a handful of sizes (each one graph, recorded once)."""
-    return max(8, 1 << (n - 1).bit_length())
-
-
-def pad_batch(x: Tensor, y: Tensor, size: int) -> tuple[Tensor, Tensor]:
-    """``(x, y)`` padded to ``size`` rows with copies of the first row (returned as they are if not shorter)."""
-    pad = size - x.shape[0]
-    if pad <= 0:
-        return x, y
-    return torch.cat([x, x[:1].expand(pad, *x.shape[1:])]), torch.cat([y, y[:1].expand(pad)])
 
 
 def worst_case_robust(

@@ -32,7 +32,7 @@ from mma_lightning.attacks.margin import check_search
 from mma_lightning.attacks.checks import check_batch, check_labels, host_checks, host_checks_enabled
 from mma_lightning.attacks.context import model_mode
 from mma_lightning.attacks.norms import NORM_NAMES
-from mma_lightning.capture import Captured, check_compile_step
+from mma_lightning.capture import Captured, check_compile_step, pad_batch
 from mma_lightning.methods.random_state import CHECKPOINT_KEY as RANDOM_STREAMS_KEY
 from mma_lightning.methods.random_state import RandomStreams
 
@@ -320,7 +320,7 @@ class AdversarialModuleLogic:
                 outputs = self.eval_outputs(self.net, x, y, noise)
             else:
                 self.check_batch_values(x, y)
-                x, y = self._padded(x, y)
+                x, y = pad_batch(x, y, self._captured_batch["eval"])  # copies of row 0, left out below
                 noise = get_norm(self.norm).start_noise(x, noise_generator, boxed=hp.clip_min is not None)
                 with torch.inference_mode(False):  # the graph takes normal tensors (attacks.context)
                     x, y = x.clone(), y.clone()
@@ -349,14 +349,6 @@ class AdversarialModuleLogic:
 
     def _eval_graph_fn(self, x: Tensor, y: Tensor, noise: tuple[Tensor, ...]) -> dict[str, Tensor]:
         return self.eval_outputs(self.net, x, y, noise)
-
-    def _padded(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """An evaluation batch padded to the captured graph's batch size (the first evaluation batch's) with
-        copies of its first row, which the metrics leave out; a larger batch stays as it is (a new graph)."""
-        pad = self._captured_batch["eval"] - x.shape[0]
-        if pad <= 0:
-            return x, y
-        return torch.cat([x, x[:1].expand(pad, *x.shape[1:])]), torch.cat([y, y[:1].expand(pad)])
 
     # --- host checks and memory format -------------------------------------------------------------------
     def host_checks_for(self, stage: str) -> AbstractContextManager[None]:

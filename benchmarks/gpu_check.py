@@ -23,6 +23,9 @@ fits the time budget (``--budget-min``) is skipped and named (``--only`` runs ch
    10,000 points (target <= 60 s). The labels are the model's own predictions, so every point is attacked.
 8. ``real``: a 200-step MMA run of LeNet5-Madry on Fashion-MNIST (``fashion_mnist.npz``, written from Debian's
    files when missing), final ``train/avg_eps`` and ``val/robust_acc``.
+9. ``tuning``: the captured MMA step at batch 512 with ``cudnn.benchmark`` off (everything above runs with it on, as
+   ``trainer=gpu``) and with inductor's autotuning (``compile_step={mode: max-autotune}``): at batch 512 the step is
+   kernel-bound, so the kernels' choice is what is left.
 
 ``--json PATH`` also writes every figure to a JSON file.
 """
@@ -66,7 +69,7 @@ DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 WRN28_4_GFLOP_PER_IMAGE = 1.69  # forward of WRN-28-4 on one 32x32 image
 PAPER_STEPS = 50_000  # CIFAR10 MMA-32 (Ding et al. 2020): 50k steps of batch 128
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
-SECTIONS = ("sync", "passes", "steps", "projection", "batch", "train", "eval", "real")
+SECTIONS = ("sync", "passes", "steps", "projection", "batch", "train", "eval", "real", "tuning")
 METHODS = ("mma", "pgd_at", "omma", "trades", "pgdls", "standard")
 TARGETS = {"paper_run_minutes": 45.0, "batch512_img_per_s": 6000.0, "eval_fast_10k_seconds": 60.0}
 
@@ -273,13 +276,16 @@ def pass_table(device: torch.device, size: Size, reps: int, backend: str) -> lis
 # --- 3. / 5. training steps -----------------------------------------------------------------------------------------
 def step_times(device: torch.device, size: Size, batch: int, methods: tuple[str, ...], variants: tuple[str, ...],
                reps: int, backend: str, shape: tuple[int, ...] = (3, 32, 32)) -> list[dict[str, Any]]:
-    """Each method's step at ``batch`` in the GPU defaults (bf16 on CUDA, channels_last), eager and captured."""
+    """Each method's step at ``batch`` in the GPU defaults (bf16 on CUDA, channels_last), eager and captured
+    (``"autotuned"``: captured with inductor's ``max-autotune``)."""
     x, y, index = batch_for(size, batch, device, shape)
     bf16 = device.type == "cuda"
     steps, modules = {}, {}
     for method in methods:
         for variant in variants:
-            option = capture_option(device, backend) if variant == "captured" else False
+            option: bool | dict[str, Any] = capture_option(device, backend) if variant != "eager" else False
+            if variant == "autotuned":
+                option = {"mode": "max-autotune"} if device.type == "cuda" else {"backend": backend}
             module = method_module(method, wrn(size, shape[0]), size, batch, compile_step=option,
                                    channels_last=True).to(device)
             module.net.train()
@@ -484,10 +490,10 @@ def quiet_trainer(device: torch.device, max_steps: int, precision: str, **kwargs
 # --- main -----------------------------------------------------------------------------------------------------------
 def print_steps(title: str, rows: list[dict[str, Any]]) -> None:
     print(f"\n{title}")
-    print(f"  {'method':9s} {'variant':9s} {'batch':>5s} {'ms':>8s} {'img/s':>8s} {'GiB':>6s} {'warm-up s':>9s}")
+    print(f"  {'method':9s} {'variant':30s} {'batch':>5s} {'ms':>8s} {'img/s':>8s} {'GiB':>6s} {'warm-up s':>9s}")
     for r in rows:
         gib = f"{r['peak_gib']:6.2f}" if r["peak_gib"] is not None else f"{'-':>6s}"
-        print(f"  {r['method']:9s} {r['variant']:9s} {r['batch']:5d} {r['ms']:8.1f} {r['img_per_s']:8.0f} {gib} "
+        print(f"  {r['method']:9s} {r['variant']:30s} {r['batch']:5d} {r['ms']:8.1f} {r['img_per_s']:8.0f} {gib} "
               f"{r['warmup_s']:9.1f}")
 
 
@@ -620,6 +626,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{size.real_batch}, {precision}, {r['seconds']:.0f} s: train/avg_eps {r['train/avg_eps']:.4f}, "
               f"val/robust_acc {r['val/robust_acc']:.4f} (eps 0.1, {size.real_val} test images), "
               f"val/acc {r['val/acc']:.4f}, val/avg_eps {r['val/avg_eps']:.4f}")
+
+    if "tuning" in wanted:
+        rows = []
+        batch = size.big_batches[0]
+        if budget.allows("tuning:cudnn", 90 if size is FULL else 5):
+            torch.backends.cudnn.benchmark = False
+            rows += [dict(r, variant="captured, no cudnn.benchmark")
+                     for r in step_times(device, size, batch, ("mma",), ("captured",), reps, backend)]
+            torch.backends.cudnn.benchmark = device.type == "cuda"
+        if budget.allows("tuning:autotune", 300 if size is FULL else 5):
+            rows += step_times(device, size, batch, ("mma",), ("autotuned",), reps, backend)
+        report["tuning"] = rows
+        if rows:
+            print_steps(f"[9] the captured MMA step at batch {batch}: cudnn.benchmark off, inductor max-autotune "
+                        "(compare with [5])", rows)
 
     report["skipped"] = budget.skipped
     report["total_seconds"] = time.perf_counter() - started

@@ -59,7 +59,8 @@ def test_gpu_check_reduced_mode_runs_every_section(tmp_path: Path, capsys: pytes
     assert real["steps"] == size.real_steps and 0 <= real["val/robust_acc"] <= real["val/acc"] <= 1
     assert real["train/avg_eps"] is not None and real["train/avg_eps"] >= 0
     assert (tmp_path / "fashion_mnist.npz").is_file()
-    assert "[8] Fashion-MNIST" in printed and "total" in printed
+    assert [r["variant"] for r in report["tuning"]] == ["captured, no cudnn.benchmark", "autotuned"]
+    assert "[8] Fashion-MNIST" in printed and "[9] the captured MMA step" in printed and "total" in printed
 
 
 def test_gpu_check_budget_skips_and_names_what_does_not_fit(capsys: pytest.CaptureFixture[str]) -> None:

@@ -41,7 +41,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 pytestmark = pytest.mark.skipif(not FASHION.is_dir(), reason="needs Debian's dataset-fashion-mnist")
 
-SETUP_COMMANDS = ("python3", "pip", "apt-get", "sudo", "pytest", ".", "source")
+SETUP_COMMANDS = ("python3", "pip", "apt-get", "sudo", "ruff", "mypy", "pytest", ".", "source")
 # Commands that are composed and built but not run here, and why: (substring of the command, reason).
 BUILD_ONLY = [
     ("trainer=gpu", "needs a GPU"),

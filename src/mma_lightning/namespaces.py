@@ -11,6 +11,22 @@ from __future__ import annotations
 
 import importlib
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    # For the type checker only: each namespace-free logic class (``MMAModuleLogic``, ...) is always combined
+    # with a Lightning base class of one namespace, so it may use that base's API (``self.log``, ``self.trainer``).
+    from pytorch_lightning import Callback as CallbackHost
+    from pytorch_lightning import LightningDataModule as DataModuleHost
+    from typing import Any
+
+    from pytorch_lightning import LightningModule
+    from pytorch_lightning.callbacks import ModelCheckpoint as ModelCheckpointHost
+
+    class ModuleHost(LightningModule):
+        hparams: Any  # an AttributeDict: the settings read as attributes
+else:
+    CallbackHost = DataModuleHost = ModuleHost = ModelCheckpointHost = object
 
 NAMESPACES = ("pytorch_lightning", "lightning.pytorch")
 """The module paths of the two namespaces."""

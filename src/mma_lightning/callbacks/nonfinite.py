@@ -22,6 +22,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from mma_lightning.namespaces import CallbackHost
 from torch import Tensor
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ class NonFiniteError(ValueError):
     """Training produced a non-finite loss, or read a non-finite input."""
 
 
-class NonFiniteGuardLogic:
+class NonFiniteGuardLogic(CallbackHost):
     """Callback logic: device-side records of non-finite losses / inputs, checked on the host now and then.
 
     Args:
@@ -77,8 +78,8 @@ class NonFiniteGuardLogic:
         if not (torch.is_tensor(x) and x.is_floating_point() and torch.is_tensor(index)):
             return
         rows = ~torch.isfinite(x).reshape(x.shape[0], -1).all(dim=1)
-        first = (self._bad_input_step < 0) & rows.any()
         assert self._bad_input_step is not None
+        first = (self._bad_input_step < 0) & rows.any()
         self._bad_input_step = torch.where(first, self._step, self._bad_input_step)
         marked = torch.where(rows, index.long(), torch.full_like(index.long(), -1))
         if self._bad_input_index is None or self._bad_input_index.shape != marked.shape:
@@ -99,7 +100,7 @@ class NonFiniteGuardLogic:
             assert self._bad_step is not None
             self._bad_step = torch.where(bad & (self._bad_step < 0), self._step, self._bad_step)
         self._step = self._step + 1
-        every = self.check_every_n_steps or max(1, int(trainer.log_every_n_steps))
+        every = self.check_every_n_steps or max(1, int(trainer.log_every_n_steps))  # type: ignore[attr-defined]
         if trainer.global_step % every == 0:
             self._check(trainer, f"step {trainer.global_step}")
 

@@ -26,13 +26,14 @@ from typing import Any, Callable
 import pytorch_lightning as pl
 
 from mma_lightning.namespaces import lightning_types
+from mma_lightning.namespaces import CallbackHost
 
 log = logging.getLogger(__name__)
 
 SIGNAL_NAMES = ("SIGTERM", "SIGINT", "SIGUSR1")
 
 
-class StopOnSignalLogic:
+class StopOnSignalLogic(CallbackHost):
     """Callback logic: on one of ``signals``, finish the step, write the last checkpoint, stop ``fit``.
 
     Args:
@@ -65,7 +66,7 @@ class StopOnSignalLogic:
             return
         env = trainer._accelerator_connector.cluster_environment
         slurm_requeue = isinstance(env, lightning_types("plugins.environments.SLURMEnvironment")) \
-            and env.auto_requeue
+            and env.auto_requeue  # type: ignore[attr-defined]
         for name in self.signals:
             if name == "SIGUSR1" and slurm_requeue:
                 continue  # Lightning's requeue handler
@@ -118,8 +119,8 @@ class StopOnSignalLogic:
         self._saved_step = trainer.global_step
         for callback in trainer.checkpoint_callbacks:
             if getattr(callback, "save_last", False) and hasattr(callback, "_save_last_checkpoint"):
-                callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
-                self.saved_path = callback.last_model_path
+                callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))  # type: ignore[attr-defined]
+                self.saved_path = callback.last_model_path  # type: ignore[attr-defined]
                 break
         else:
             path = self.ckpt_path or str(Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt")

@@ -27,9 +27,10 @@ from lightning_fabric.utilities.types import _PATH
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from mma_lightning.evaluation.atomic import write_atomically
+from mma_lightning.namespaces import ModelCheckpointHost
 
 
-class BestAndLastCheckpointLogic:
+class BestAndLastCheckpointLogic(ModelCheckpointHost):
     """``ModelCheckpoint`` (same arguments) whose ``last.ckpt`` always holds the latest training state.
 
     The MMA reference keeps the checkpoint with the highest average validation margin
@@ -90,7 +91,7 @@ class AtomicCheckpointIOLogic:
         target.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()  # as Lightning's own writer and the evaluation cache do
         torch.save(checkpoint, buffer)
-        write_atomically(target, buffer.getbuffer())
+        write_atomically(target, buffer.getvalue())
         _fsync_dir(target.parent)
 
 

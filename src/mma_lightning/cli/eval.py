@@ -31,7 +31,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 from torch import nn
 from torch.utils.data import DataLoader, Subset
@@ -151,7 +151,9 @@ def check_command_settings(cfg: DictConfig) -> tuple[torch.device, bool]:
     """Check every setting of the command before any work, each error naming its key and the allowed
     values: the ``evaluation`` node (:func:`check_evaluation_settings`, keys as ``evaluation.<key>``), the
     device, ``test_step``, ``seed``. Returns the device and whether to run the methods' ``test_step``."""
-    settings = {str(k): v for k, v in OmegaConf.to_container(cfg.evaluation, resolve=True).items()
+    evaluation = OmegaConf.to_container(cfg.evaluation, resolve=True)
+    assert isinstance(evaluation, dict)
+    settings = {str(k): v for k, v in evaluation.items()
                 if not str(k).startswith("_")}
     try:
         check_evaluation_settings({k: v for k, v in settings.items() if k != "eps_grid"})
@@ -192,7 +194,7 @@ def model_info_eps(model_info: DictConfig | None, checkpoints: Sequence[Checkpoi
     if not isinstance(enabled, bool):
         raise ValueError(f"model_info.enabled must be true or false, got {enabled!r}")
     descriptive = [f for f in ROBUSTBENCH_FIELDS if f not in ROBUSTBENCH_MEASURED or f == "eps"]
-    unknown = sorted(set(node) - set(descriptive))
+    unknown = sorted(str(k) for k in set(node) - set(descriptive))
     if unknown:
         raise ValueError(f"model_info.{unknown[0]} is not a setting: model_info holds enabled and RobustBench's "
                          f"descriptive fields {descriptive} (dataset, clean_acc and autoattack_acc are measured)")
@@ -202,7 +204,7 @@ def model_info_eps(model_info: DictConfig | None, checkpoints: Sequence[Checkpoi
     eps = node.get("eps")
     if eps is None:
         family = GRID_FAMILIES.get(str(first.run_cfg.data.get("_target_", "?")).rsplit(".", 1)[-1])
-        if (family, first.norm) not in MODEL_INFO_EPS:
+        if family is None or (family, first.norm) not in MODEL_INFO_EPS:
             raise ValueError(f"model_info.eps=null: no default eps for this data and norm {first.norm}: set "
                              f"model_info.eps to one of the eps grid {list(first.eps_grid)}")
         eps = MODEL_INFO_EPS[(family, first.norm)]
@@ -236,6 +238,7 @@ def model_info_fields(model_info: DictConfig, evaluation: ModelEvaluation) -> di
     if evaluation.model_info.get("model_source") is not None:
         fields.update(PAPER_INFO)
     given = OmegaConf.to_container(model_info, resolve=True)
+    assert isinstance(given, dict)
     fields.update({str(k): v for k, v in given.items() if k not in ("enabled", "eps") and v is not None})
     return fields
 
@@ -255,7 +258,7 @@ def plan_checkpoints(cfg: DictConfig) -> list[Checkpoint]:
                          f"{RESOLVED_CONFIG} is found from its checkpoint")
     changes = {"data": cfg.get("data") or {}, "method": cfg.get("method") or {}}
     run_files = [find_run_config(path, cfg.get("run_config")) for path in paths]
-    run_cfgs = [OmegaConf.merge(load_run_config(path), changes) for path in run_files]
+    run_cfgs = [cast(DictConfig, OmegaConf.merge(load_run_config(path), changes)) for path in run_files]
     defaults = [default_name(file, run_cfg) for file, run_cfg in zip(run_files, run_cfgs)]
     names = checkpoint_names(cfg.get("names"), paths, defaults)
     checkpoints = [Checkpoint(path, name, run_cfg, *run_protocol(run_cfg, cfg.evaluation))

@@ -50,7 +50,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
     datamodule: pl.LightningDataModule = instantiate(cfg.data)
-    module = instantiate(cfg.method)
+    module: pl.LightningModule = instantiate(cfg.method)
     if not isinstance(module, lightning_types("LightningModule")):
         raise ValueError(f"method must build a LightningModule (method=mma, omma, pgd_at, pgdls, trades or "
                          f"standard), got {type(module).__name__}")
@@ -71,7 +71,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("train", True):
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        except lightning_types("utilities.exceptions.SIGTERMException"):
+        except lightning_types("utilities.exceptions.SIGTERMException"):  # type: ignore[misc]
             # A signal (callbacks.StopOnSignal): last.ckpt is written; no test of a half-trained model.
             log.warning(f"training stopped by a signal at step {trainer.global_step}; resume with "
                         f"ckpt_path={last_checkpoint(trainer) or '<run>/checkpoints/last.ckpt'}")
@@ -198,7 +198,7 @@ def instantiate_dict(node: DictConfig | None, name: str) -> list[Any]:
     objects = []
     for key, conf in node.items():
         if not (isinstance(conf, DictConfig) and "_target_" in conf):
-            raise ValueError(f"{name}.{key} must be a config with a _target_, got {conf!r}")
+            raise ValueError(f"{name}.{key!s} must be a config with a _target_, got {conf!r}")
         objects.append(instantiate(conf))
     return objects
 

@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from mma_lightning.data.resumable import ResumableDataLoader, ResumableSampler
+from mma_lightning.namespaces import DataModuleHost
 
 
 class IndexedDataset(Dataset):
@@ -71,7 +72,7 @@ def check_positive(name: str, value: int | None, optional: bool = False) -> None
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
-class IndexedDataModuleLogic:
+class IndexedDataModuleLogic(DataModuleHost):
     """Base datamodule whose loaders yield ``(x, y, index)``.
 
     Subclasses implement :meth:`build_datasets`, returning the plain ``(x, y)`` train / val / test datasets

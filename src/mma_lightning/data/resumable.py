@@ -118,4 +118,4 @@ class ResumableDataLoader(DataLoader):
         missing = [key for key in STATE_KEYS if key not in state_dict]
         if missing:
             raise ValueError(f"a ResumableDataLoader state needs the keys {list(STATE_KEYS)}, missing {missing}")
-        self.sampler.skip(int(state_dict["epoch"]), int(state_dict["samples"]))  # type: ignore[union-attr]
+        self.sampler.skip(int(state_dict["epoch"]), int(state_dict["samples"]))  # type: ignore[attr-defined]

@@ -250,7 +250,7 @@ class VisionDataModuleLogic(IndexedDataModuleLogic):
         if val is None and self.val_size > 0:
             n = len(train_full)  # type: ignore[arg-type]
             train_idx, val_idx = seeded_split(n, self.val_size, self.seed)
-            eval_full = train_full
+            eval_full: Dataset | None = train_full
             if self.train_transform is not self.eval_transform:
                 eval_full = self._load("train", self.eval_transform)
             val = Subset(eval_full, val_idx.tolist())  # type: ignore[arg-type]

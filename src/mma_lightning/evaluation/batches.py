@@ -13,7 +13,7 @@ afterwards (lightning-notes 9): a ``DataLoader`` is rebuilt over its map-style d
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeGuard, Union
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +28,7 @@ from mma_lightning.attacks.context import (
 )
 from mma_lightning.evaluation.sharding import ShardSampler, distributed_world
 
-EvalData = Union[DataLoader, Sequence[Tensor], Iterable[Any]]
+EvalData = DataLoader | Sequence[Tensor] | Iterable[Any]
 Batch = tuple[Tensor, Tensor, Tensor]
 
 
@@ -105,7 +105,7 @@ class _CollateWithPosition:
         return self.collate_fn([item for item, _ in items]), torch.tensor([i for _, i in items])
 
 
-def _is_tensor_data(data: Any) -> bool:
+def _is_tensor_data(data: Any) -> TypeGuard[Sequence[Tensor]]:
     return isinstance(data, (tuple, list)) and len(data) in (2, 3) and all(torch.is_tensor(t) for t in data)
 
 
@@ -202,9 +202,10 @@ def evaluation_batches(
     world, rank = distributed_world()
     shard = resolve_shard(shard)
     if _is_tensor_data(data):
-        n = data[0].shape[0]
-        limit = n if max_samples is None else min(n, max_samples)
-        total = len(range(rank, limit, world)) if shard else limit
+        n = int(data[0].shape[0])
+        limit: int | None = n if max_samples is None else min(n, max_samples)
+        assert limit is not None
+        total: int | None = len(range(rank, limit, world)) if shard else limit
         source: Iterable[tuple[Any, Tensor]] = _tensor_batches(data, batch_size, limit, world, rank, shard)
     elif isinstance(data, DataLoader) or (isinstance(data, Iterable) and not isinstance(data, (str, bytes))):
         sized = isinstance(data, DataLoader) and not isinstance(data.dataset, IterableDataset)

@@ -22,9 +22,10 @@ from mma_lightning.evaluation.robustness import (
     robust_accuracy,
 )
 from mma_lightning.namespaces import lightning_types
+from mma_lightning.namespaces import CallbackHost
 
 
-class RobustnessCallbackLogic:
+class RobustnessCallbackLogic(CallbackHost):
     """Every ``every_n_epochs`` training epochs, PGD robust accuracy over ``eps_grid`` and margin estimates on
     the first ``max_samples`` validation points.
 
@@ -101,8 +102,9 @@ class RobustnessCallbackLogic:
         if self.data is not None:
             return self.data
         loaders = trainer.val_dataloaders
-        if loaders is None and trainer.datamodule is not None:
-            loaders = trainer.datamodule.val_dataloader()
+        datamodule = getattr(trainer, "datamodule", None)
+        if loaders is None and datamodule is not None:
+            loaders = datamodule.val_dataloader()
         if isinstance(loaders, (list, tuple)):
             loaders = loaders[0] if loaders else None
         if loaders is None:
@@ -160,7 +162,8 @@ class RobustnessCallbackLogic:
             figures[f"{self.prefix}/margins"] = margin_histogram_figure({epoch: estimates}, self.eps_grid)
         for board in boards:
             for tag, fig in figures.items():
-                board.experiment.add_figure(tag, fig, global_step=trainer.global_step, close=False)
+                board.experiment.add_figure(tag, fig, global_step=trainer.global_step,  # type: ignore[attr-defined]
+                                            close=False)
 
 
 # The pytorch_lightning classes: the namespace-free logic above on pytorch_lightning's base classes

@@ -8,6 +8,8 @@ NaN checks are off (they would sync to the host at every update).
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 from torchmetrics import CatMetric
@@ -33,7 +35,12 @@ class SampleCollector(nn.Module):
         self.metrics = nn.ModuleDict({name: CatMetric(nan_strategy="disable", sync_on_compute=sync)
                                       for name in [INDEX, *columns]})
         self.metrics.to(device)
-        for metric in self.metrics.values():
+
+    @property
+    def columns(self) -> dict[str, CatMetric]:
+        """The metrics by column name (typed)."""
+        return cast(dict[str, CatMetric], dict(self.metrics.items()))
+        for metric in self.columns.values():
             metric.set_dtype(torch.float64)
 
     def update(self, index: Tensor, **columns: Tensor) -> None:
@@ -41,9 +48,9 @@ class SampleCollector(nn.Module):
         if set(columns) != set(self.metrics) - {INDEX}:
             expected = sorted(set(self.metrics) - {INDEX})
             raise ValueError(f"update needs the columns {expected}, got {sorted(columns)}")
-        self.metrics[INDEX].update(index.detach().double())
+        self.columns[INDEX].update(index.detach().double())
         for name, value in columns.items():
-            self.metrics[name].update(value.detach().double())
+            self.columns[name].update(value.detach().double())
 
     def compute(self) -> dict[str, Tensor]:
         """All columns over all ranks, sorted by index (float64; ``"index"`` as int64).
@@ -51,7 +58,7 @@ class SampleCollector(nn.Module):
         Raises ``ValueError`` when no sample was seen or an index occurs twice (e.g. a padding
         ``DistributedSampler``): every test point must count exactly once.
         """
-        values = {name: metric.compute() for name, metric in self.metrics.items()}
+        values = {name: metric.compute() for name, metric in self.columns.items()}
         index = values[INDEX]
         if isinstance(index, list) or index.numel() == 0:
             raise ValueError("data yielded no samples to evaluate")

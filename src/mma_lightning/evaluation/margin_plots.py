@@ -22,9 +22,10 @@ from torch import Tensor
 
 from mma_lightning.evaluation.atomic import write_atomically
 from mma_lightning.namespaces import lightning_types
+from mma_lightning.namespaces import CallbackHost
 
 
-class MarginPlotsLogic:
+class MarginPlotsLogic(CallbackHost):
     """After each validation (not the sanity check), the eps-table and validation-margin histograms.
 
     The validation margins are the per-sample outputs of the module's ``validation_step`` (a 1-D tensor, as
@@ -75,7 +76,7 @@ class MarginPlotsLogic:
                                           table_max=hparams.get("max_eps"), step=trainer.global_step)
         board_type = lightning_types("loggers.TensorBoardLogger")
         for board in (lg for lg in trainer.loggers if isinstance(lg, board_type)):
-            writer = board.experiment
+            writer = board.experiment  # type: ignore[attr-defined]
             writer.add_histogram(f"{self.tag}/val", margins, global_step=trainer.global_step)
             if table is not None:
                 writer.add_histogram(f"{self.tag}/eps_table", table, global_step=trainer.global_step)

@@ -125,7 +125,7 @@ class MarginSearch:
         self.model = model if capture is False else CapturedModel(model, capture)
         self.padded = capture is not False
         self.norm, self.max_eps = norm, max_eps
-        self.settings = dict(nb_iter=nb_iter, search_steps=search_steps, step_scale=step_scale,
+        self.settings: dict[str, Any] = dict(nb_iter=nb_iter, search_steps=search_steps, step_scale=step_scale,
                              rand_init=rand_init, clip_min=clip_min, clip_max=clip_max, success="argmax",
                              search=search)
 

@@ -110,9 +110,9 @@ def margin_histogram_figure(margins: Mapping[str, MarginEstimates], thresholds: 
     several = len(margins) > 1
     tops = {norm: 0.0 for norm in norms}
     for est in margins.values():
-        drawn = est.eps[est.correct]
-        if drawn.numel():
-            tops[est.norm] = max(tops[est.norm], float(drawn.max()))
+        correct = est.eps[est.correct]
+        if correct.numel():
+            tops[est.norm] = max(tops[est.norm], float(correct.max()))
     for name, est in margins.items():
         ax = axes[est.norm]
         top = tops[est.norm] or est.max_eps
@@ -123,7 +123,7 @@ def margin_histogram_figure(margins: Mapping[str, MarginEstimates], thresholds: 
         stats = (f"mean {drawn.mean():.3g}, median {np.median(drawn):.3g}" if drawn.size else "none")
         label = (f"{name}: {drawn.size} correctly classified points ({stats}); {wrong} misclassified "
                  f"(margin 0, not drawn); {not_found} not found within {est.max_eps:.3g} (drawn there)")
-        ax.hist(drawn, bins=bins, histtype="step" if several else "stepfilled", alpha=1.0 if several else 0.6,
+        ax.hist(drawn, bins=bins.tolist(), histtype="step" if several else "stepfilled", alpha=1.0 if several else 0.6,
                 linewidth=1.5, label=label)
     for norm, ax in axes.items():
         top = tops[norm] or max(m.max_eps for m in margins.values() if m.norm == norm)

@@ -67,4 +67,6 @@ class ImageFolderDataModule(ImageFolderDataModuleLogic, VisionDataModule):
 def mnist5k_datamodule(val_size: int = 1000, batch_size: int = 50, seed: int = 0,
                        **kwargs: Any) -> TensorDataModule:
     """:func:`mma_lightning.data.mnist5k_datamodule` with this namespace's :class:`TensorDataModule`."""
-    return offline.mnist5k_datamodule(val_size, batch_size, seed, datamodule_class=TensorDataModule, **kwargs)
+    module = offline.mnist5k_datamodule(val_size, batch_size, seed, datamodule_class=TensorDataModule, **kwargs)
+    assert isinstance(module, TensorDataModule)
+    return module

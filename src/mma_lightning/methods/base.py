@@ -16,7 +16,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, cast
 
 from typing_extensions import TypedDict, Unpack
 
@@ -35,6 +35,7 @@ from mma_lightning.attacks.norms import NORM_NAMES
 from mma_lightning.capture import Captured, check_compile_step, pad_batch
 from mma_lightning.methods.random_state import CHECKPOINT_KEY as RANDOM_STREAMS_KEY
 from mma_lightning.methods.random_state import RandomStreams
+from mma_lightning.namespaces import ModuleHost
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
@@ -71,7 +72,7 @@ def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=1e-4)
 
 
-class AdversarialModuleLogic:
+class AdversarialModuleLogic(ModuleHost):
     """Shared skeleton: ``net`` + optimiser + robustness validation; subclasses define ``training_loss``.
 
     Batches are ``(x, y)`` or ``(x, y, index)`` with ``x`` in the box ``[clip_min, clip_max]`` (normalisation
@@ -266,7 +267,7 @@ class AdversarialModuleLogic:
 
     def log_train_stat(self, name: str, value: Tensor) -> None:
         """Log ``train/<name>``, a per-sample statistic averaged by its torchmetrics ``MeanMetric``."""
-        metric = self.train_stats[name]
+        metric = cast(MeanMetric, self.train_stats[name])
         metric(value.detach().float())
         if self._trainer is not None:  # also usable outside a Trainer (Fabric, a manual loop, a benchmark)
             self.log(f"train/{name}", metric, on_step=True, on_epoch=True, prog_bar=name in ("acc", "avg_eps"))
@@ -326,7 +327,7 @@ class AdversarialModuleLogic:
                     x, y = x.clone(), y.clone()
                     noise = tuple(t.clone() for t in noise)
                     outputs = self._eval_graph(x.device, x, y, noise)
-        metrics = self.eval_metrics[stage]
+        metrics = cast(dict[str, MeanMetric], self.eval_metrics[stage])
         for name, metric in metrics.items():
             metric.update(outputs[name][:n])  # the batch's own rows, not the padding
             self.log(f"{stage}/{name}", metric, prog_bar=name != "loss")

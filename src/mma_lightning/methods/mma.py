@@ -18,7 +18,7 @@ The search is batched over the full batch with masks, so DDP ranks always run th
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -186,7 +186,7 @@ class MMAModuleLogic(AdversarialModuleLogic):
 
     def _gather(self, t: Tensor) -> Tensor:
         """``t`` from every DDP rank, flattened (just ``t`` outside a Trainer or on one device)."""
-        return (t if self._trainer is None else self.all_gather(t)).reshape(-1)
+        return (t if self._trainer is None else cast(Tensor, self.all_gather(t))).reshape(-1)
 
 
 def _num_train_samples(trainer: Any) -> int:

@@ -8,6 +8,7 @@ scheduler_interval="step")`` or Hydra's ``_partial_: true`` (conf/scheduler/piec
 
 from __future__ import annotations
 
+import itertools
 import math
 from bisect import bisect_right
 from collections.abc import Sequence
@@ -41,7 +42,7 @@ def piecewise_constant(optimizer: Optimizer, boundaries: Sequence[int], factors:
     scales = [float(f) for f in factors]
     if any(isinstance(b, bool) or not isinstance(b, int) for b in bounds) or any(b <= 0 for b in bounds):
         raise ValueError(f"boundaries must be positive integer step numbers, got {list(boundaries)!r}")
-    if any(b >= c for b, c in zip(bounds[:-1], bounds[1:], strict=True)):
+    if any(b >= c for b, c in itertools.pairwise(bounds)):
         raise ValueError(f"boundaries must be strictly increasing, got {bounds!r}")
     if len(scales) != len(bounds) + 1:
         raise ValueError(f"factors must have one more entry than boundaries ({len(bounds)} boundaries, so "

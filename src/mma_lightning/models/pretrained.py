@@ -112,7 +112,9 @@ def architecture_name(model: nn.Module) -> str:
     if isinstance(model, nn.Sequential) and len(model) == 2 and isinstance(model[0], PerImageStandardization):
         model = model[1]
     if isinstance(model, WideResNet):
-        return f"WideResNet-{6 * len(model.block1) + 4}-{model.block1[0].conv1.out_channels // 16}"
+        conv = model.block1[0].conv1
+        assert isinstance(conv, nn.Conv2d)
+        return f"WideResNet-{6 * len(model.block1) + 4}-{conv.out_channels // 16}"
     if isinstance(model, LeNet5Madry):
         return "LeNet5-Madry"
     return type(model).__name__

@@ -7,8 +7,15 @@ The algorithm lives in :mod:`mma_lightning.attacks` (plain PyTorch); :class:`MMA
 __version__ = "0.1.0"
 
 from mma_lightning.attacks import MarginResult, find_margin, pgd
-from mma_lightning.methods import AdversarialModule, EpsStore, MMAModule, PGDATModule
-from mma_lightning.methods import PGDLSModule, StandardModule, TRADESModule
+from mma_lightning.methods import (
+    AdversarialModule,
+    EpsStore,
+    MMAModule,
+    PGDATModule,
+    PGDLSModule,
+    StandardModule,
+    TRADESModule,
+)
 
 __all__ = ["AdversarialModule", "EpsStore", "MMAModule", "MarginResult", "PGDATModule", "find_margin", "pgd"]
 __all__ += ["PGDLSModule", "StandardModule", "TRADESModule"]

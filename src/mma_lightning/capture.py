@@ -15,8 +15,8 @@ updates no Python-side state (tables, metrics and logs are the caller's, before 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     # For the type checker only: each namespace-free logic class (``MMAModuleLogic``, ...) is always combined
     # with a Lightning base class of one namespace, so it may use that base's API (``self.log``, ``self.trainer``).
-    from pytorch_lightning import Callback as CallbackHost
-    from pytorch_lightning import LightningDataModule as DataModuleHost
     from typing import Any
 
+    from pytorch_lightning import Callback as CallbackHost
+    from pytorch_lightning import LightningDataModule as DataModuleHost
     from pytorch_lightning import LightningModule
     from pytorch_lightning.callbacks import ModelCheckpoint as ModelCheckpointHost
 

@@ -9,9 +9,9 @@ them for the first batch only unless ``debug_checks=True`` (issue 9: no host syn
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Iterator
 
 import torch
 from torch import Tensor

@@ -6,8 +6,8 @@ default ``Trainer`` evaluates that way), and must leave every submodule's ``trai
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import Tensor, nn

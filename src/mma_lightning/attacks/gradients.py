@@ -15,7 +15,7 @@ compute it, with the same result:
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn

@@ -13,7 +13,7 @@ Both are batched over samples with per-sample tensors and masks; no host sync, n
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn

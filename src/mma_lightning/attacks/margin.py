@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from mma_lightning.attacks.boundary import refine_on_boundary
 from mma_lightning.attacks.checks import (
     as_eps,
     check_batch,
@@ -37,13 +38,11 @@ from mma_lightning.attacks.checks import (
     host_checks_enabled,
 )
 from mma_lightning.attacks.context import grad_enabled_outside_inference, model_mode, usable_for_autograd
-from mma_lightning.attacks.boundary import refine_on_boundary
 from mma_lightning.attacks.fmn import fmn_steps
 from mma_lightning.attacks.line_search import bisect_ray, point_on_ray, root_find_ray
 from mma_lightning.attacks.losses import SUCCESS_MARGINS, SUCCESS_TESTS, get_loss
 from mma_lightning.attacks.norms import Norm, StartNoise, get_norm, per_sample
 from mma_lightning.attacks.pgd import LossFn, fp16_gradient_scale, pgd_iterates
-
 
 SEARCHES: tuple[str, ...] = ("bisection", "refined")
 """The margin searches after AN-PGD: the reference's bisection along the ray, or ours (see find_margin)."""

@@ -9,7 +9,7 @@ box and a projection onto the ball, last iterate returned. Input gradients come 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn

@@ -22,8 +22,9 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from mma_lightning.namespaces import CallbackHost
 from torch import Tensor
+
+from mma_lightning.namespaces import CallbackHost
 
 log = logging.getLogger(__name__)
 

@@ -19,14 +19,14 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any, Callable
+from typing import Any
 
 import pytorch_lightning as pl
 
-from mma_lightning.namespaces import lightning_types
-from mma_lightning.namespaces import CallbackHost
+from mma_lightning.namespaces import CallbackHost, lightning_types
 
 log = logging.getLogger(__name__)
 

@@ -29,18 +29,18 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence, cast
-
-from torch import nn
-from torch.utils.data import DataLoader, Subset
+from typing import Any, cast
 
 import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader, Subset
 
 from mma_lightning.cli.errors import run_reporting_errors
 from mma_lightning.cli.train import (

@@ -26,8 +26,8 @@ from mma_lightning.data.vision import (
 )
 
 __all__ = [
-    "CIFAR100DataModule",
     "CIFAR10DataModule",
+    "CIFAR100DataModule",
     "FashionMNISTDataModule",
     "IDXFolderDataset",
     "ImageFolderDataModule",

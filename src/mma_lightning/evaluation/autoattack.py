@@ -13,8 +13,8 @@ restored here).
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from types import ModuleType
-from typing import Sequence
 
 import torch
 from torch import nn

@@ -13,7 +13,8 @@ afterwards (lightning-notes 9): a ``DataLoader`` is rebuilt over its map-style d
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator, Sequence, TypeGuard, Union
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeGuard
 
 import torch
 from torch import Tensor, nn

@@ -5,7 +5,8 @@ robust-accuracy curve and the margin histogram (the quantity MMA training maximi
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import pytorch_lightning as pl
 from torch import nn
@@ -21,8 +22,7 @@ from mma_lightning.evaluation.robustness import (
     check_step_fraction,
     robust_accuracy,
 )
-from mma_lightning.namespaces import lightning_types
-from mma_lightning.namespaces import CallbackHost
+from mma_lightning.namespaces import CallbackHost, lightning_types
 
 
 class RobustnessCallbackLogic(CallbackHost):

@@ -21,8 +21,7 @@ from matplotlib.figure import Figure  # no pyplot: no display or global figure s
 from torch import Tensor
 
 from mma_lightning.evaluation.atomic import write_atomically
-from mma_lightning.namespaces import lightning_types
-from mma_lightning.namespaces import CallbackHost
+from mma_lightning.namespaces import CallbackHost, lightning_types
 
 
 class MarginPlotsLogic(CallbackHost):

@@ -12,16 +12,16 @@ A point misclassified clean has margin 0; a point for which no search succeeded 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from mma_lightning.attacks import find_margin
-from mma_lightning.attacks.margin import SEARCHES
 from mma_lightning.attacks.context import model_mode
+from mma_lightning.attacks.margin import SEARCHES
 from mma_lightning.capture import CapturedModel, bucket_size, pad_batch
 from mma_lightning.evaluation.batches import (
     EvalData,

@@ -9,7 +9,7 @@ histogram shows the distribution of margins that MMA training maximises.
 from __future__ import annotations
 
 import textwrap
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from matplotlib.axes import Axes

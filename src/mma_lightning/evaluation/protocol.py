@@ -8,7 +8,7 @@ eps grid; AvgAcc is the same mean with the clean accuracy included.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 MNIST_LINF_EPS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4)
 """MNIST (and Fashion-MNIST) Linf grid of the paper."""

@@ -19,10 +19,11 @@ import io
 import json
 import os
 import platform
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from matplotlib.figure import Figure
@@ -125,7 +126,7 @@ def robustbench_info(e: ModelEvaluation, eps: float, fields: Mapping[str, Any]) 
                  f"{e.autoattack.settings.get('package')}) on the same points")
     else:
         note += "; AutoAttack was not run (evaluation.autoattack=true runs it), so autoattack_acc is null"
-    if e.flagged:
+    if e.flagged and e.sanity is not None:
         note += f"; FLAGGED by the sanity checks ({', '.join(e.sanity.failed)}): pgd_acc is likely overestimated"
     given = fields.get("footnote")
     measured: dict[str, Any] = {
@@ -155,7 +156,7 @@ def results_document(evaluations: Sequence[ModelEvaluation],
     return {
         "format": RESULTS_FORMAT,
         "format_version": RESULTS_FORMAT_VERSION,
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "software": _software(),
         "flagged": bool(flagged),
         "flagged_checks": flagged,
@@ -243,8 +244,8 @@ def markdown_report(evaluations: Sequence[ModelEvaluation], title: str = "Robust
                  _pct(e.pgd.avg_robust_accuracy), *(_pct(a) for a in e.pgd.robust_accuracy), _sanity_cell(e)]
                 for e in group]
         lines += _table(["model", "Clean", "AvgAcc", "AvgRobAcc", *eps_cols, "sanity"], rows)
-        lines += ["", "Clean: accuracy on the test points; AvgRobAcc: mean robust accuracy over the eps "
-                  "grid; AvgAcc: the same mean with the clean accuracy included.", ""]
+        lines += ["", ("Clean: accuracy on the test points; AvgRobAcc: mean robust accuracy over the eps "
+                  "grid; AvgAcc: the same mean with the clean accuracy included."), ""]
     for (norm, grid), group in _groups(evaluations, "margins").items():
         lines += [f"## Margins, {norm}", ""]
         rows = []
@@ -254,23 +255,23 @@ def markdown_report(evaluations: Sequence[ModelEvaluation], title: str = "Robust
                          str(s.num_samples - s.num_found), *(_pct(f) for f in s.fraction_above.values())])
         cols = [f"> {format_eps(t)} (%)" for t in grid]
         lines += _table(["model", "mean", "Q1", "median", "Q3", "not found", *cols], rows)
-        lines += ["", "Per-sample margin estimates (smallest verified adversarial distance; 0 for "
-                  "misclassified points, the search's upper end when none was found).", ""]
+        lines += ["", ("Per-sample margin estimates (smallest verified adversarial distance; 0 for "
+                  "misclassified points, the search's upper end when none was found)."), ""]
     for (norm, grid), group in _groups(evaluations, "autoattack").items():
         lines += [f"## AutoAttack robust accuracy (%), {norm}", ""]
         rows = [[e.name, _pct(e.autoattack.clean_accuracy), _pct(e.autoattack.avg_robust_accuracy),
                  *(_pct(a) for a in e.autoattack.robust_accuracy)] for e in group]
         lines += _table(["model", "Clean", "AvgRobAcc", *(format_eps(x) for x in grid)], rows) + [""]
-    checked = [e for e in evaluations if e.sanity is not None]
+    checked = [(e, e.sanity) for e in evaluations if e.sanity is not None]
     if checked:
         lines += ["## Sanity checks (attack strength, gradient masking)", ""]
         rows = [[e.name, f"`{c.name}`", "ok" if c.passed else "**FLAGGED**", f"{100 * c.value:+.1f}",
-                 f"{100 * c.threshold:.1f}", c.message] for e in checked for c in e.sanity.checks]
+                 f"{100 * c.threshold:.1f}", c.message] for e, sanity in checked for c in sanity.checks]
         lines += _table(["model", "check", "result", "value (%)", "threshold (%)", "measured"], rows)
-        probes = {f"{e.name}: probes at eps {format_eps(e.sanity.settings['probe_eps'])} on the first "
-                  f"{e.sanity.settings['probe_samples']} test points" for e in checked}
-        lines += ["", *(f"{p}." for p in sorted(probes)), "A value beyond its threshold flags the whole "
-                  "report: the robust accuracy is then likely overestimated.", ""]
+        probes = {f"{e.name}: probes at eps {format_eps(sanity.settings['probe_eps'])} on the first "
+                  f"{sanity.settings['probe_samples']} test points" for e, sanity in checked}
+        lines += ["", *(f"{p}." for p in sorted(probes)), ("A value beyond its threshold flags the whole "
+                  "report: the robust accuracy is then likely overestimated."), ""]
     lines += ["## Models and data", ""]
     rows = [[e.name, str(e.model_info.get("class", "?")), str(e.model_info.get("num_parameters", "?")),
              str(e.model_info.get("state_sha256", "?"))[:12], str(e.data_info.get("num_samples", "?")),

@@ -8,7 +8,7 @@ at most one, and nothing is padded.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch.distributed as dist
 from torch.utils.data import Sampler

@@ -21,7 +21,8 @@ except ImportError as err:  # pragma: no cover - depends on the installation
                       "pip install \"mma-lightning[lightning]\" (or pip install lightning)") from err
 
 import mma_lightning as _default
-from mma_lightning import *  # noqa: F401,F403  (the namespace-free names, re-exported unchanged)
+from mma_lightning import *
+
 # Re-exported: __all__ is the default package's, which names these too.
 from mma_lightning.lightning import callbacks, checkpoint, data, evaluation, methods  # noqa: F401
 from mma_lightning.lightning.methods import (  # noqa: F401

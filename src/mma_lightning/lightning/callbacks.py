@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import lightning.pytorch as L
 
-from mma_lightning.callbacks import *  # noqa: F401,F403  (the namespace-free names, re-exported unchanged)
+from mma_lightning.callbacks import *
 from mma_lightning.callbacks import __all__ as _default_all
 from mma_lightning.callbacks.nonfinite import NonFiniteGuardLogic
 from mma_lightning.callbacks.signals import StopOnSignalLogic

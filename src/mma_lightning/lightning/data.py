@@ -10,7 +10,7 @@ from typing import Any
 
 import lightning.pytorch as L
 
-from mma_lightning.data import *  # noqa: F401,F403  (the namespace-free names, re-exported unchanged)
+from mma_lightning.data import *
 from mma_lightning.data import __all__ as _default_all
 from mma_lightning.data import offline
 from mma_lightning.data.indexed import IndexedDataModuleLogic

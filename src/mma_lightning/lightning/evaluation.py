@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import lightning.pytorch as L
 
-from mma_lightning.evaluation import *  # noqa: F401,F403  (the namespace-free names, re-exported unchanged)
+from mma_lightning.evaluation import *
 from mma_lightning.evaluation import __all__ as _default_all
 from mma_lightning.evaluation.callbacks import RobustnessCallbackLogic
 from mma_lightning.evaluation.margin_plots import MarginPlotsLogic

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import lightning.pytorch as L
 
-from mma_lightning.methods import __all__ as _default_all
 from mma_lightning.methods import EpsStore  # noqa: F401  (namespace-free, re-exported unchanged)
+from mma_lightning.methods import __all__ as _default_all
 from mma_lightning.methods.base import AdversarialModuleLogic
 from mma_lightning.methods.mma import MMAModuleLogic
 from mma_lightning.methods.pgd_at import PGDATModuleLogic

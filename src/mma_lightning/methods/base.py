@@ -14,23 +14,22 @@ for their own gradient computations (lightning-notes 2), so no ``Trainer`` flag 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
-from typing import Any, Callable, Iterable, cast
-
-from typing_extensions import TypedDict, Unpack
+from typing import Any, cast
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
+from typing_extensions import TypedDict
 
 from mma_lightning.attacks import find_margin, get_norm
-from mma_lightning.attacks.losses import LOSSES
-from mma_lightning.attacks.margin import check_search
 from mma_lightning.attacks.checks import check_batch, check_labels, host_checks, host_checks_enabled
 from mma_lightning.attacks.context import model_mode
+from mma_lightning.attacks.losses import LOSSES
+from mma_lightning.attacks.margin import check_search
 from mma_lightning.attacks.norms import NORM_NAMES
 from mma_lightning.capture import Captured, check_compile_step, pad_batch
 from mma_lightning.methods.random_state import CHECKPOINT_KEY as RANDOM_STREAMS_KEY

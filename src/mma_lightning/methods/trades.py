@@ -17,7 +17,8 @@ Choices, compared with the authors' code (github.com/yaodongyu/TRADES, ``trades.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -264,6 +264,16 @@ class AdversarialModuleLogic(ModuleHost):
                           "last batch)", stacklevel=2)
         return False
 
+    def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        """Lightning's ``self.log``; a run of a pack (:class:`mma_lightning.packing.PackedModule`) logs through
+        the pack instead, as ``run<i>/<name>``, so that each run's metrics reach its own loggers."""
+        pack = self.__dict__.get("_pack_host")
+        if pack is None:
+            super().log(name, value, *args, **kwargs)
+        else:
+            host, prefix = pack
+            host.log(prefix + name, value, *args, **{**kwargs, "add_dataloader_idx": False})
+
     def log_train_stat(self, name: str, value: Tensor) -> None:
         """Log ``train/<name>``, a per-sample statistic averaged by its torchmetrics ``MeanMetric``."""
         metric = cast(MeanMetric, self.train_stats[name])

@@ -65,11 +65,14 @@ class RandomStreams:
     """The attacks' generator of one module, and the snapshot / restore of every stream for its checkpoints.
 
     The generator lives on the device of the data it perturbs (``torch.rand(..., generator=g)`` needs the
-    same device) and is seeded ``torch.initial_seed() + ATTACK_SEED_OFFSET + rank`` when first used, so
-    ``pl.seed_everything(seed)`` fixes it and DDP ranks draw different starts.
+    same device) and is seeded ``seed + ATTACK_SEED_OFFSET + rank`` when first used, ``seed`` being
+    ``torch.initial_seed()`` unless :attr:`seed` is set, so ``pl.seed_everything(seed)`` fixes it and DDP ranks
+    draw different starts. A run of a pack (:mod:`mma_lightning.packing`) sets :attr:`seed` to its own.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, seed: int | None = None) -> None:
+        self.seed = seed
+        """The run's seed (``None``: the process's, ``torch.initial_seed()``)."""
         self._generator: torch.Generator | None = None
         self._pending: tuple[str, Tensor] | None = None  # a saved (device type, state) to apply on creation
         self._eval: torch.Generator | None = None
@@ -91,7 +94,8 @@ class RandomStreams:
         device = torch.device(device)
         if self._generator is None or self._generator.device.type != device.type:
             g = torch.Generator(device=device)
-            g.manual_seed((torch.initial_seed() + ATTACK_SEED_OFFSET + rank) % 2**63)
+            seed = torch.initial_seed() if self.seed is None else self.seed
+            g.manual_seed((seed + ATTACK_SEED_OFFSET + rank) % 2**63)
             if self._pending is not None:
                 kind, state = self._pending
                 self._pending = None

@@ -1,0 +1,84 @@
+"""Packed runs (issue 17): a pack of N runs trains as the N runs trained one by one; it resumes exactly; a run
+that goes non-finite stops alone."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from mma_lightning import MMAModule, PGDATModule
+from mma_lightning.data import TensorDataModule
+from mma_lightning.packing import PackedDataModule, PackedModule
+
+SEEDS = (0, 1, 2)
+MAX_EPS = (0.2, 0.15, 0.25)
+LRS = (1e-2, 5e-3, 1e-2)
+STEPS = 20  # 100 training samples, batch 20: 5 steps an epoch, so 4 epochs and 4 validations
+
+
+def data(seed: int) -> TensorDataModule:
+    g = torch.Generator().manual_seed(3)
+    y = torch.arange(120) % 3
+    x = 0.5 + 0.25 * (y.view(-1, 1, 1, 1).float() - 1) + 0.15 * torch.randn(120, 1, 4, 4, generator=g)
+    return TensorDataModule(x.clamp(0, 1), y, x_test=x[:20].clamp(0, 1), y_test=y[:20], val_size=20,
+                            batch_size=20, seed=seed)
+
+
+def module(i: int, method: str = "mma") -> pl.LightningModule:
+    """Run ``i``'s module, built after ``seed_everything(SEEDS[i])`` as a separate run would be."""
+    pl.seed_everything(SEEDS[i])
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(16, 3))
+    common: dict[str, Any] = dict(norm="linf", eval_eps=0.05, eval_nb_iter=2, eval_search_steps=2,
+                                  optimizer=partial(torch.optim.Adam, lr=LRS[i]))
+    if method == "pgd_at":
+        return PGDATModule(net, eps=MAX_EPS[i] / 2, nb_iter=2, **common)
+    return MMAModule(net, max_eps=MAX_EPS[i], min_eps=0.02, nb_iter=2, search_steps=3, **common)
+
+
+def trainer(root: Path, steps: int = STEPS, **kwargs: Any) -> pl.Trainer:
+    options: dict[str, Any] = dict(accelerator="cpu", devices=1, max_steps=steps, max_epochs=-1, deterministic=True,
+                                   logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                                   enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=root,
+                                   log_every_n_steps=5)
+    return pl.Trainer(**{**options, **kwargs})
+
+
+def separate(i: int, root: Path, method: str = "mma") -> tuple[pl.LightningModule, dict[str, float]]:
+    m = module(i, method)
+    t = trainer(root / f"run{i}")
+    pl.seed_everything(SEEDS[i])
+    t.fit(m, datamodule=data(SEEDS[i]))
+    return m, {k: float(v) for k, v in t.callback_metrics.items()}
+
+
+def packed(root: Path, method: str = "mma", n: int = 3, **kwargs: Any) -> tuple[PackedModule, pl.Trainer]:
+    runs = [module(i, method) for i in range(n)]
+    pack = PackedModule(runs, seeds=SEEDS[:n])
+    t = trainer(root, **kwargs)
+    t.fit(pack, datamodule=PackedDataModule([data(s) for s in SEEDS[:n]]))
+    return pack, t
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].numel())
+
+
+@pytest.mark.parametrize("method", ["mma", "pgd_at"])
+def test_a_pack_of_three_equals_three_separate_runs(tmp_path: Path, method: str) -> None:
+    pack, t = packed(tmp_path / "pack", method)
+    for i in range(3):
+        alone, metrics = separate(i, tmp_path, method)
+        run = pack.runs[i]
+        assert max_diff(run.state_dict(), alone.state_dict()) < 1e-5  # weights, BN statistics, eps table
+        if method == "mma":
+            assert float(run.eps_store.eps.abs().max()) > 0  # the eps table was written
+            assert torch.equal(run.eps_store.eps > 0, alone.eps_store.eps > 0)
+        for name in ("val/acc", "val/robust_acc", "val/avg_eps", "train/loss"):
+            assert abs(float(t.callback_metrics[f"run{i}/{name}"]) - metrics[name]) < 1e-5, name

@@ -97,7 +97,10 @@ def test_setup_cfg_lists_every_package_and_ships_conf():
     parser = configparser.ConfigParser()
     parser.read(REPO / "setup.cfg")
     listed = set(parser["options"]["packages"].split())
-    assert listed == set(find_packages(str(REPO / "src"))) | {"mma_lightning.conf"}, (
+    # hydra_plugins is a namespace package (no __init__.py: Hydra's plugins from every distribution share it)
+    plugins = {f"hydra_plugins.{p}" for p in find_packages(str(REPO / "src" / "hydra_plugins"))}
+    assert plugins == {"hydra_plugins.mma_lightning_packed"}
+    assert listed == set(find_packages(str(REPO / "src"))) | {"mma_lightning.conf"} | plugins, (
         "setup.cfg [options] packages must list every package under src/ (find: cannot add conf/)")
     assert "mma_lightning.conf = conf" in parser["options"]["package_dir"]
     assert CONF.joinpath("train.yaml").is_file() and CONF.joinpath("eval.yaml").is_file()

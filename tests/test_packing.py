@@ -82,3 +82,38 @@ def test_a_pack_of_three_equals_three_separate_runs(tmp_path: Path, method: str)
             assert torch.equal(run.eps_store.eps > 0, alone.eps_store.eps > 0)
         for name in ("val/acc", "val/robust_acc", "val/avg_eps", "train/loss"):
             assert abs(float(t.callback_metrics[f"run{i}/{name}"]) - metrics[name]) < 1e-5, name
+
+
+def test_a_pack_resumes_exactly_mid_epoch(tmp_path: Path) -> None:
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    straight, _ = packed(tmp_path / "straight")
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=7, save_top_k=-1, filename="{step}")
+    packed(tmp_path / "first", steps=7, callbacks=[saver], enable_checkpointing=True)
+    runs = [module(i) for i in range(3)]
+    resumed = PackedModule(runs, seeds=SEEDS)
+    trainer(tmp_path / "second").fit(resumed, datamodule=PackedDataModule([data(s) for s in SEEDS]),
+                                     ckpt_path=str(tmp_path / "ckpt" / "step=7.ckpt"))
+    assert max_diff(resumed.state_dict(), straight.state_dict()) == 0.0
+
+
+class PoisonRun(pl.Callback):
+    """Puts a NaN into run 1's last layer before step 3."""
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == 3:
+            with torch.no_grad():
+                pl_module.runs[1].net[4].weight[0, 0] = float("nan")
+
+
+def test_a_non_finite_run_stops_alone(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    pack, t = packed(tmp_path / "pack", callbacks=[PoisonRun()])
+    assert pack.stopped == {1}
+    assert "run1 (seed=1, max_eps=0.15): non-finite training loss at step 3" in caplog.text
+    for i in (0, 2):  # the others trained as if alone
+        alone, _ = separate(i, tmp_path)
+        assert max_diff(pack.runs[i].state_dict(), alone.state_dict()) < 1e-5
+    frozen = pack.runs[1].net[4].weight.detach().clone()
+    assert "run1/val/avg_eps" in t.callback_metrics  # logged before it stopped
+    assert pack.run_checkpoint(1) is None  # no checkpoint after the non-finite loss
+    assert torch.isnan(frozen).any()

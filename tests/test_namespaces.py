@@ -29,9 +29,10 @@ MIRRORS = [("mma_lightning", "mma_lightning.lightning"),
            ("mma_lightning.data", "mma_lightning.lightning.data"),
            ("mma_lightning.evaluation", "mma_lightning.lightning.evaluation"),
            ("mma_lightning.callbacks", "mma_lightning.lightning.callbacks"),
-           ("mma_lightning.cli.checkpoint", "mma_lightning.lightning.checkpoint")]
+           ("mma_lightning.cli.checkpoint", "mma_lightning.lightning.checkpoint"),
+           ("mma_lightning.packing", "mma_lightning.lightning.packing")]
 NAMESPACES = {"pytorch_lightning": (pl, mma_lightning), "lightning": (L, mml)}
-LIGHTNING_BASES = ("LightningModule", "LightningDataModule", "Callback", "plugins.CheckpointIO")
+LIGHTNING_BASES = ("LightningModule", "LightningDataModule", "Callback", "plugins.CheckpointIO", "loggers.Logger")
 DATAMODULE_FACTORIES = {"mnist5k_datamodule"}  # functions returning a datamodule: each namespace has its own
 
 

@@ -117,3 +117,50 @@ def test_a_non_finite_run_stops_alone(tmp_path: Path, caplog: pytest.LogCaptureF
     assert "run1/val/avg_eps" in t.callback_metrics  # logged before it stopped
     assert pack.run_checkpoint(1) is None  # no checkpoint after the non-finite loss
     assert torch.isnan(frozen).any()
+
+
+def test_each_run_has_its_own_checkpoints_and_logs(tmp_path: Path) -> None:
+    from pytorch_lightning.loggers import CSVLogger
+
+    from mma_lightning.packing.checkpoint import RunCheckpoint
+    from mma_lightning.packing.logger import RunLogger
+
+    saves = [RunCheckpoint(run=i, dirpath=tmp_path / f"run{i}", monitor=f"run{i}/val/avg_eps", mode="max",
+                           save_top_k=1, save_last=True, filename="best") for i in range(3)]
+    loggers = [RunLogger(CSVLogger(tmp_path / f"run{i}", name="csv", version=""), prefix=f"run{i}/")
+               for i in range(3)]
+    pack, _ = packed(tmp_path / "pack", callbacks=saves, logger=loggers, enable_checkpointing=True)
+    for i in range(3):
+        last = torch.load(tmp_path / f"run{i}" / "last.ckpt", weights_only=False)
+        assert last["global_step"] == STEPS
+        alone = MMAModule.load_from_checkpoint(tmp_path / f"run{i}" / "last.ckpt", net=module(i).net)
+        assert max_diff(alone.state_dict(), pack.runs[i].state_dict()) == 0.0
+        assert alone.hparams.max_eps == MAX_EPS[i]
+        optimizer = torch.optim.Adam(alone.net.parameters(), lr=LRS[i])
+        optimizer.load_state_dict(last["optimizer_states"][0])  # the run's share of the pack's optimiser
+        assert optimizer.param_groups[0]["lr"] == LRS[i]
+        assert (tmp_path / f"run{i}" / "best.ckpt").is_file()
+        header = (tmp_path / f"run{i}" / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+        assert "val/avg_eps" in header and "train/loss" in header
+        assert not any(name.startswith("run") for name in header)
+
+
+def test_a_pack_on_lightning_pytorch(tmp_path: Path) -> None:
+    L = pytest.importorskip("lightning.pytorch")
+    import mma_lightning.lightning as mml
+
+    runs = []
+    for i in range(2):
+        pl.seed_everything(SEEDS[i])
+        runs.append(mml.MMAModule(nn.Sequential(nn.Flatten(), nn.Linear(16, 3)), max_eps=MAX_EPS[i], min_eps=0.02,
+                                  nb_iter=2, search_steps=3, eval_eps=0.05, eval_nb_iter=2, eval_search_steps=2))
+    datamodules = [mml.data.TensorDataModule(data(s).train_set.tensors[0], data(s).train_set.tensors[1],
+                                             val_size=20, batch_size=20, seed=s) for s in SEEDS[:2]]
+    pack = mml.packing.PackedModule(runs, seeds=SEEDS[:2])
+    before = [run.net[1].weight.detach().clone() for run in runs]
+    t = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    t.fit(pack, datamodule=mml.packing.PackedDataModule(datamodules))
+    assert pack.global_step == 3
+    assert all(not torch.equal(w, run.net[1].weight) for w, run in zip(before, runs))
+    assert {"run0/train/loss", "run1/train/loss"} <= set(t.callback_metrics)

@@ -24,7 +24,7 @@ import mma_lightning as _default
 from mma_lightning import *
 
 # Re-exported: __all__ is the default package's, which names these too.
-from mma_lightning.lightning import callbacks, checkpoint, data, evaluation, methods  # noqa: F401
+from mma_lightning.lightning import callbacks, checkpoint, data, evaluation, methods, packing  # noqa: F401
 from mma_lightning.lightning.methods import (  # noqa: F401
     AdversarialModule,
     MMAModule,

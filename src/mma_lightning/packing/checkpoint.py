@@ -31,7 +31,7 @@ class RunCheckpointLogic(BestAndLastCheckpointLogic):
         self.run = run
 
     def _stopped(self, trainer: pl.Trainer) -> bool:
-        pack = trainer.lightning_module
+        pack: Any = trainer.lightning_module
         if self.run >= len(pack.runs):
             raise ValueError(f"RunCheckpoint(run={self.run}) but the pack has {len(pack.runs)} runs")
         return self.run in pack.stopped
@@ -41,7 +41,8 @@ class RunCheckpointLogic(BestAndLastCheckpointLogic):
             super()._save_topk_checkpoint(trainer, monitor_candidates)
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        checkpoint = trainer.lightning_module.run_checkpoint(self.run)
+        pack: Any = trainer.lightning_module
+        checkpoint = pack.run_checkpoint(self.run)
         if checkpoint is None:  # stopped after a non-finite loss
             return
         trainer.strategy.save_checkpoint(checkpoint, filepath)  # rank 0 writes, through the trainer's IO

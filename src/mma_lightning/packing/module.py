@@ -150,6 +150,8 @@ class PackedModuleLogic(ModuleHost):
         names: each run's metric prefix (default ``run0``, ``run1``, ...).
     """
 
+    first_bad_step: Tensor
+
     def __init__(self, runs: Sequence[AdversarialModuleLogic], seeds: Sequence[int | None] | None = None,
                  names: Sequence[str] | None = None) -> None:
         super().__init__()
@@ -178,20 +180,25 @@ class PackedModuleLogic(ModuleHost):
         self._buffer_names = [k for k, _ in runs[0].net.named_buffers()]
 
     @property
+    def members(self) -> list[AdversarialModuleLogic]:
+        """The runs' modules, in run order."""
+        return cast(list[AdversarialModuleLogic], list(self.runs))
+
+    @property
     def template(self) -> nn.Module:
         """The backbone whose structure every run shares (the first run's; its own weights are not used)."""
-        return cast(nn.Module, self.runs[0].net)
+        return self.members[0].net
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits of every run for one batch ``x``: ``[N, batch, classes]``."""
-        return torch.stack([run(x) for run in self.runs])
+        return torch.stack([run(x) for run in self.members])
 
     # --- the stacked step --------------------------------------------------------------------------------
     def stacked_weights(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Every run's parameters and buffers stacked along a new first dimension (parameters through
         ``torch.stack``, so a loss of the stacked step differentiates into each run's own parameters)."""
-        nets = [dict(run.net.named_parameters()) for run in self.runs]
-        bufs = [dict(run.net.named_buffers()) for run in self.runs]
+        nets = [dict(run.net.named_parameters()) for run in self.members]
+        bufs = [dict(run.net.named_buffers()) for run in self.members]
         params = {k: torch.stack([p[k] for p in nets]) for k in self._param_names}
         buffers = {k: torch.stack([b[k] for b in bufs]) for k in self._buffer_names}
         return params, buffers
@@ -199,7 +206,7 @@ class PackedModuleLogic(ModuleHost):
     def _run_step(self, params: dict[str, Tensor], buffers: dict[str, Tensor], hp: dict[str, Tensor], x: Tensor,
                   y: Tensor, inputs: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         net = RunNet(self.template, params, buffers)
-        first = cast(AdversarialModuleLogic, self.runs[0])
+        first = self.members[0]
         return first.step_loss(cast(nn.Module, net), RunHparams(first.hparams, hp), x, y, inputs)
 
     def stacked_step(self, x: Tensor, y: Tensor, inputs: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -210,7 +217,7 @@ class PackedModuleLogic(ModuleHost):
         with host_checks(False):  # a vmapped step reads no values (the first batch is checked before it)
             losses, outputs = vmap(self._run_step, randomness="different")(params, buffers, hp, x, y, inputs)
         with torch.no_grad():
-            for i, run in enumerate(self.runs):
+            for i, run in enumerate(self.members):
                 for k, b in run.net.named_buffers():
                     b.copy_(buffers[k][i])
         return losses, outputs
@@ -218,7 +225,7 @@ class PackedModuleLogic(ModuleHost):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """One optimisation step of every run: each run's eager inputs (random starts, eps lookups), the
         stacked step, each run's eps-table update and logs; the loss is the sum of the live runs' losses."""
-        runs = cast(Sequence[AdversarialModuleLogic], self.runs)
+        runs = self.members
         if not isinstance(batch, (list, tuple)) or len(batch) != len(runs):
             raise ValueError(f"a pack of {len(runs)} runs takes a list of {len(runs)} batches per step "
                              "(PackedDataModule's training loader), got "
@@ -269,14 +276,14 @@ class PackedModuleLogic(ModuleHost):
 
     def describe_run(self, i: int) -> str:
         """``seed=..., max_eps=...``: what sets run ``i`` apart."""
-        run = cast(AdversarialModuleLogic, self.runs[i])
+        run = self.members[i]
         parts = [f"seed={run.random_streams.seed}"] + [f"{k}={run.hparams[k]}" for k in self.per_run_hparams]
         return ", ".join(parts)
 
     def on_after_backward(self) -> None:
         """Stopped runs get no update (their gradients are dropped: the optimiser leaves them alone)."""
         for i in self.stopped:
-            for p in self.runs[i].parameters():
+            for p in self.members[i].parameters():
                 p.grad = None
 
     def on_train_epoch_end(self) -> None:
@@ -286,39 +293,39 @@ class PackedModuleLogic(ModuleHost):
     # --- hooks forwarded to every run ----------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         """Attach every run to the pack's trainer (its step count, device and rank are the runs')."""
-        for run in self.runs:
-            run.trainer = self.trainer
+        for run in self.members:
+            run.trainer = self.trainer  # type: ignore[assignment]
 
     def on_train_start(self) -> None:
         """Each run's own start (MMA sizes its eps table from the data)."""
-        for run in self.runs:
+        for run in self.members:
             run.on_train_start()
 
     def on_validation_epoch_start(self) -> None:
         """Each run restarts its validation attacks' random stream."""
-        for run in self.runs:
+        for run in self.members:
             run.on_validation_epoch_start()
 
     def on_test_epoch_start(self) -> None:
         """Each run restarts its test attacks' random stream."""
-        for run in self.runs:
+        for run in self.members:
             run.on_test_epoch_start()
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor | None:
         """Run ``dataloader_idx``'s validation on its own split, logged as ``run<i>/val/...``."""
         if dataloader_idx in self.stopped:
             return None
-        return cast(Tensor, self.runs[dataloader_idx]._eval_step(batch, "val"))
+        return cast(Tensor, self.members[dataloader_idx]._eval_step(batch, "val"))
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         """Run ``dataloader_idx``'s test measures, logged as ``run<i>/test/...``."""
-        self.runs[dataloader_idx]._eval_step(batch, "test")
+        self.members[dataloader_idx]._eval_step(batch, "test")
 
     # --- optimisation: the runs' optimisers merged, one parameter group per run group ------------------
     def configure_optimizers(self) -> Any:
         """The runs' optimisers (their own factories) merged into one of the same class; the first run's
         scheduler factory (all runs must have the same one) on it, each group keeping its own learning rate."""
-        runs = cast(Sequence[AdversarialModuleLogic], self.runs)
+        runs = self.members
         optimizers = [run.optimizer_factory(run.net.parameters()) for run in runs]
         first = optimizers[0]
         settings = {k: v for k, v in first.defaults.items() if k not in PACKABLE_OPTIMIZER_SETTINGS}
@@ -345,7 +352,7 @@ class PackedModuleLogic(ModuleHost):
         """The trainer's gradient clipping applied to each run apart (a norm over the pack would mix runs)."""
         if not gradient_clip_val:
             return
-        for run in self.runs:
+        for run in self.members:
             params = [p for p in run.parameters() if p.grad is not None]
             if gradient_clip_algorithm == "value":
                 torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
@@ -368,14 +375,14 @@ class PackedModuleLogic(ModuleHost):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The pack's checkpoint: the process streams and every run's attack stream, and the stopped runs."""
         self.check_runs("a checkpoint")
-        runs = cast(Sequence[AdversarialModuleLogic], self.runs)
+        runs = self.members
         checkpoint[RANDOM_STREAMS_KEY] = runs[0].random_streams.gathered_state()
         checkpoint[PACK_STATE_KEY] = {"names": list(self.names), "stopped": sorted(self.stopped),
                                       "attack_streams": [run.random_streams.state()["attack"] for run in runs]}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Continue every run's attack stream (and, when fitting, the process streams)."""
-        runs = cast(Sequence[AdversarialModuleLogic], self.runs)
+        runs = self.members
         runs[0].on_load_checkpoint(checkpoint)
         state = checkpoint.get(PACK_STATE_KEY)
         if state is None:
@@ -394,7 +401,7 @@ class PackedModuleLogic(ModuleHost):
         self.check_runs("a checkpoint")
         if i in self.stopped:
             return None
-        run = cast(AdversarialModuleLogic, self.runs[i])
+        run = self.members[i]
         return {"state_dict": run.state_dict(), "hyper_parameters": dict(run.hparams),
                 "epoch": self.current_epoch, "global_step": self.global_step,
                 "pytorch-lightning_version": pl.__version__, RANDOM_STREAMS_KEY: [run.random_streams.state()],

@@ -134,7 +134,7 @@ def train_pack(cfgs: Sequence[DictConfig], pack_dir: Path, names: Sequence[str] 
                 options["monitor"] = f"{name}/{options['monitor']}"
             if options.get("filename"):  # the metrics it names are the run's: {val/avg_eps} -> {run0/val/avg_eps}
                 options["filename"] = re.sub(r"\{([^}:]*/[^}:]*)", "{" + name + r"/\1", str(options["filename"]))
-            callbacks.append(RunCheckpoint(run=i, **options))
+            callbacks.append(RunCheckpoint(run=i, **{str(k): v for k, v in options.items()}))
         for logger in instantiate_dict(cfg.get("logger"), "logger"):
             loggers.append(RunLogger(logger, prefix=f"{name}/"))
     own = instantiate_dict(OmegaConf.create({k: v for k, v in (first.get("callbacks") or {}).items()

@@ -57,9 +57,10 @@ def separate(i: int, root: Path, method: str = "mma") -> tuple[pl.LightningModul
     return m, {k: float(v) for k, v in t.callback_metrics.items()}
 
 
-def packed(root: Path, method: str = "mma", n: int = 3, **kwargs: Any) -> tuple[PackedModule, pl.Trainer]:
+def packed(root: Path, method: str = "mma", n: int = 3, batching: str = "vmap", **kwargs: Any
+           ) -> tuple[PackedModule, pl.Trainer]:
     runs = [module(i, method) for i in range(n)]
-    pack = PackedModule(runs, seeds=SEEDS[:n])
+    pack = PackedModule(runs, seeds=SEEDS[:n], batching=batching)
     t = trainer(root, **kwargs)
     t.fit(pack, datamodule=PackedDataModule([data(s) for s in SEEDS[:n]]))
     return pack, t
@@ -70,9 +71,9 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].numel())
 
 
-@pytest.mark.parametrize("method", ["mma", "pgd_at"])
-def test_a_pack_of_three_equals_three_separate_runs(tmp_path: Path, method: str) -> None:
-    pack, t = packed(tmp_path / "pack", method)
+@pytest.mark.parametrize(("method", "batching"), [("mma", "vmap"), ("mma", "loop"), ("pgd_at", "vmap")])
+def test_a_pack_of_three_equals_three_separate_runs(tmp_path: Path, method: str, batching: str) -> None:
+    pack, t = packed(tmp_path / "pack", method, batching=batching)
     for i in range(3):
         alone, metrics = separate(i, tmp_path, method)
         run = pack.runs[i]
@@ -91,7 +92,7 @@ def test_a_pack_resumes_exactly_mid_epoch(tmp_path: Path) -> None:
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=7, save_top_k=-1, filename="{step}")
     packed(tmp_path / "first", steps=7, callbacks=[saver], enable_checkpointing=True)
     runs = [module(i) for i in range(3)]
-    resumed = PackedModule(runs, seeds=SEEDS)
+    resumed = PackedModule(runs, seeds=SEEDS, batching="vmap")
     trainer(tmp_path / "second").fit(resumed, datamodule=PackedDataModule([data(s) for s in SEEDS]),
                                      ckpt_path=str(tmp_path / "ckpt" / "step=7.ckpt"))
     assert max_diff(resumed.state_dict(), straight.state_dict()) == 0.0
@@ -164,3 +165,21 @@ def test_a_pack_on_lightning_pytorch(tmp_path: Path) -> None:
     assert pack.global_step == 3
     assert all(not torch.equal(w, run.net[1].weight) for w, run in zip(before, runs))
     assert {"run0/train/loss", "run1/train/loss"} <= set(t.callback_metrics)
+
+
+def test_a_captured_pack_equals_the_eager_one_without_recompiling(tmp_path: Path) -> None:
+    """compile_step in a pack: the vmapped step (the GPU's batching) compiles whole (fullgraph) once and trains
+    as the eager pack."""
+    from torch._dynamo.utils import counters
+
+    eager, _ = packed(tmp_path / "eager", n=2, steps=4)
+    runs = [module(i) for i in range(2)]
+    for run in runs:
+        run.hparams.compile_step = {"backend": "aot_eager"}
+    captured = PackedModule(runs, seeds=SEEDS[:2], batching="vmap")
+    assert captured._graphs is not None
+    torch._dynamo.reset()
+    counters.clear()
+    trainer(tmp_path / "captured", steps=4).fit(captured, datamodule=PackedDataModule([data(s) for s in SEEDS[:2]]))
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
+    assert max_diff(captured.state_dict(), eager.state_dict()) < 1e-5

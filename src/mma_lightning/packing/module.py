@@ -37,6 +37,7 @@ from torch.utils._pytree import tree_map
 
 from mma_lightning.attacks.checks import host_checks
 from mma_lightning.callbacks.nonfinite import NonFiniteError
+from mma_lightning.capture import Captured
 from mma_lightning.methods.base import AdversarialModuleLogic, _unpack
 from mma_lightning.methods.random_state import CHECKPOINT_KEY as RANDOM_STREAMS_KEY
 from mma_lightning.namespaces import ModuleHost
@@ -48,6 +49,7 @@ PACKABLE_HPARAMS = ("max_eps", "min_eps", "clean_loss_coeff", "eps")
 they change no shape. Every other setting must be the same in every run."""
 PACKABLE_OPTIMIZER_SETTINGS = ("lr", "weight_decay", "initial_lr")
 PACK_STATE_KEY = "mma_pack"
+BATCHINGS = ("auto", "vmap", "loop")
 
 
 class RunNet:
@@ -148,13 +150,21 @@ class PackedModuleLogic(ModuleHost):
         seeds: each run's seed (its attacks' random stream starts from it, as a separate run's does from
             ``seed_everything``); default: the process's seed for all.
         names: each run's metric prefix (default ``run0``, ``run1``, ...).
+        batching: how the step runs the runs: ``"vmap"`` (one batched step over stacked weights: on a GPU, one
+            launch per pass for all runs), ``"loop"`` (each run's own step one after another, in one process and
+            with the captured step in one graph: on a CPU, where batching the runs' convolutions as grouped
+            convolutions is slower than running them apart; ``benchmarks/packed.py``), or ``"auto"``: ``vmap``
+            on CUDA, ``loop`` elsewhere.
     """
 
     first_bad_step: Tensor
 
     def __init__(self, runs: Sequence[AdversarialModuleLogic], seeds: Sequence[int | None] | None = None,
-                 names: Sequence[str] | None = None) -> None:
+                 names: Sequence[str] | None = None, batching: str = "auto") -> None:
         super().__init__()
+        if batching not in BATCHINGS:
+            raise ValueError(f"batching must be one of {list(BATCHINGS)}, got {batching!r}")
+        self.batching = batching
         self.per_run_hparams = check_packable(runs)
         n = len(runs)
         names = list(names) if names is not None else [f"run{i}" for i in range(n)]
@@ -163,9 +173,6 @@ class PackedModuleLogic(ModuleHost):
             raise ValueError(f"names must be {n} distinct non-empty strings (one per run), got {names!r}")
         if len(seeds) != n:
             raise ValueError(f"seeds must hold one seed per run ({n}), got {seeds!r}")
-        if any(r.hparams.get("compile_step") not in (False, None) for r in runs):
-            raise ValueError("compile_step is not available in a pack yet (the vmapped step runs eagerly): set "
-                             "method.compile_step=false")
         self.runs = nn.ModuleList(runs)
         self.names = names
         for run, name, seed in zip(runs, names, seeds):
@@ -176,6 +183,9 @@ class PackedModuleLogic(ModuleHost):
         self.register_buffer("first_bad_step", torch.full((n,), -1, dtype=torch.long))
         self.stopped: set[int] = set()
         self._groups: list[int] = []  # parameter groups per run in the merged optimiser
+        option = runs[0].hparams.get("compile_step", False)  # the same in every run (check_packable)
+        self._graphs = {"vmap": Captured(self._stacked_fn, option), "loop": Captured(self._looped_fn, option)
+                        } if option is not False else None
         self._param_names = [k for k, _ in runs[0].net.named_parameters()]
         self._buffer_names = [k for k, _ in runs[0].net.named_buffers()]
 
@@ -209,13 +219,47 @@ class PackedModuleLogic(ModuleHost):
         first = self.members[0]
         return first.step_loss(cast(nn.Module, net), RunHparams(first.hparams, hp), x, y, inputs)
 
+    def _stacked_fn(self, params: dict[str, Tensor], buffers: dict[str, Tensor], hp: dict[str, Tensor], x: Tensor,
+                    y: Tensor, inputs: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+        buffers = {k: b.clone() for k, b in buffers.items()}  # updated in place by BatchNorm, returned: no input
+        losses, outputs = vmap(self._run_step, randomness="different")(params, buffers, hp, x, y, inputs)
+        return losses, outputs, buffers  # of the graph is mutated (CUDA graphs refuse mutated inputs)
+
+    def _looped_fn(self, xs: list[Tensor], ys: list[Tensor], inputs: list[dict[str, Any]]
+                   ) -> tuple[Tensor, dict[str, Tensor]]:
+        results = [run.step_loss(run.net, run.hparams, x, y, i) for run, x, y, i in zip(self.members, xs, ys, inputs)]
+        return (torch.stack([loss for loss, _ in results]),
+                {k: torch.stack([out[k] for _, out in results]) for k in results[0][1]})
+
+    def batching_on(self, device: torch.device) -> str:
+        """The batching the step uses on ``device`` (``"auto"``: ``"vmap"`` on CUDA, ``"loop"`` elsewhere)."""
+        if self.batching != "auto":
+            return self.batching
+        return "vmap" if device.type == "cuda" else "loop"
+
+    def pack_step(self, xs: list[Tensor], ys: list[Tensor], inputs: list[dict[str, Any]]
+                  ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Every run's step: ``(losses [N], outputs {name: [N, B]})`` from each run's batch and eager inputs,
+        by :meth:`batching_on`'s batching; with the runs' ``compile_step`` captured whole
+        (:class:`~mma_lightning.capture.Captured`: one graph, CUDA graphs on a GPU), as a separate run's step is."""
+        device = xs[0].device
+        with host_checks(False):  # the step reads no values (each run's first batch is checked before it)
+            if self.batching_on(device) == "loop":
+                graph = None if self._graphs is None else self._graphs["loop"]
+                return self._looped_fn(xs, ys, inputs) if graph is None else graph(device, xs, ys, inputs)
+            stacked = tree_map(lambda *ts: torch.stack(ts), *inputs) if inputs[0] else inputs[0]
+            return self.stacked_step(torch.stack(xs), torch.stack(ys), stacked)
+
     def stacked_step(self, x: Tensor, y: Tensor, inputs: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
-        """Every run's step at once: ``x [N, B, ...]``, ``y [N, B]``, ``inputs`` stacked likewise ->
+        """The ``vmap`` batching: ``x [N, B, ...]``, ``y [N, B]``, ``inputs`` stacked likewise ->
         ``(losses [N], outputs {name: [N, B]})``; BatchNorm's running statistics are written back to each run."""
         params, buffers = self.stacked_weights()
         hp = {k: getattr(self, f"hp_{k}").to(x.dtype) for k in self.per_run_hparams}
         with host_checks(False):  # a vmapped step reads no values (the first batch is checked before it)
-            losses, outputs = vmap(self._run_step, randomness="different")(params, buffers, hp, x, y, inputs)
+            if self._graphs is None:
+                losses, outputs, buffers = self._stacked_fn(params, buffers, hp, x, y, inputs)
+            else:
+                losses, outputs, buffers = self._graphs["vmap"](x.device, params, buffers, hp, x, y, inputs)
         with torch.no_grad():
             for i, run in enumerate(self.members):
                 for k, b in run.net.named_buffers():
@@ -240,8 +284,7 @@ class PackedModuleLogic(ModuleHost):
             xs.append(x)
             ys.append(y)
             indices.append(index)
-        stacked = tree_map(lambda *ts: torch.stack(ts), *inputs) if inputs[0] else inputs[0]
-        losses, outputs = self.stacked_step(torch.stack(xs), torch.stack(ys), stacked)
+        losses, outputs = self.pack_step(xs, ys, inputs)
 
         step = torch.full((), self.global_step, dtype=torch.long, device=losses.device)
         finite = torch.isfinite(losses.detach())

@@ -87,9 +87,6 @@ def unpackable_reason(cfg: DictConfig) -> str | None:
         return "it trains on several devices (a pack trains on one)"
     if not cfg.get("train", True):
         return "train=false (nothing to train)"
-    method = cfg.get("method") or {}
-    if method.get("compile_step") not in (False, None):
-        return "method.compile_step is on (a pack's step is not captured yet)"
     return None
 
 

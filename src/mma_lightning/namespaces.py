@@ -46,3 +46,37 @@ def lightning_types(name: str) -> tuple[type, ...]:
         module_path, _, attr = f"{namespace}.{name}".rpartition(".")
         found.append(getattr(importlib.import_module(module_path), attr))
     return tuple(found)
+
+
+PACKAGES = {"pytorch_lightning": "mma_lightning", "lightning.pytorch": "mma_lightning.lightning"}
+"""The package of this library's classes for each namespace."""
+
+
+def namespace_of(obj: object) -> str | None:
+    """The Lightning namespace (one of :data:`NAMESPACES`) whose classes ``obj``'s class derives from (a
+    module, datamodule, callback or Trainer); ``None`` for an object of neither."""
+    for klass in type(obj).__mro__:
+        for namespace in NAMESPACES:
+            if klass.__module__ == namespace or klass.__module__.startswith(f"{namespace}."):
+                return namespace
+    return None
+
+
+def check_trainer_namespace(obj: object, trainer: object) -> None:
+    """``ValueError`` when ``obj`` (this library's module, datamodule or callback) and ``trainer`` are of
+    different Lightning namespaces, naming the package of the Trainer's namespace (:data:`PACKAGES`).
+
+    Each namespace's Trainer takes only its own classes; without this check the mismatch surfaces as
+    Lightning's own ``TypeError`` or ``ValueError: Expected a parent``, which name neither package.
+    """
+    ours, theirs = namespace_of(obj), namespace_of(trainer)
+    if ours is None or theirs is None or ours == theirs:
+        return
+    name = type(obj).__name__
+    trainer_name = "lightning.Trainer" if theirs == "lightning.pytorch" else "pytorch_lightning.Trainer"
+    raise ValueError(
+        f"{name} is a {ours} class (from {PACKAGES[ours]}) and the Trainer is a {theirs} Trainer "
+        f"({trainer_name}): a Trainer takes only the classes of its own namespace. With a {theirs} Trainer, "
+        f"take the same classes from {PACKAGES[theirs]} (e.g. `from {PACKAGES[theirs]} import MMAModule`, "
+        f"`{PACKAGES[theirs]}.data.{name if name.endswith('DataModule') else 'MNISTDataModule'}`); or keep "
+        f"{PACKAGES[ours]} with a {ours} Trainer")

@@ -26,7 +26,7 @@ from torch import nn
 
 from mma_lightning.cli.errors import run_reporting_errors
 from mma_lightning.evaluation import atomic
-from mma_lightning.namespaces import lightning_types
+from mma_lightning.namespaces import check_trainer_namespace, lightning_types
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks = instantiate_dict(cfg.get("callbacks"), "callbacks")
     loggers = instantiate_dict(cfg.get("logger"), "logger")
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for part in (module, datamodule):  # a trainer._target_ of the other namespace: a message naming both packages
+        check_trainer_namespace(part, trainer)
     check_launcher_fits_hydra_mode(trainer)
     set_matmul_precision(cfg.get("float32_matmul_precision"), trainer)
 

@@ -307,7 +307,7 @@ def robust_accuracy(
     collector = SampleCollector(["label", "correct", *(f"robust@{k}" for k in range(len(grid)))], device,
                                 sync=resolve_shard(shard))
     batches = evaluation_batches(data, device, batch_size=batch_size, max_samples=max_samples, shard=shard,
-                                 progress=progress, desc=f"PGD {norm}")
+                                 progress=progress, desc=f"PGD {norm}", box=(clip_min, clip_max))
     timed = on_first_batch is not None
     run = PGDRun(model, norm, nb_iter, rand_init, clip_min, clip_max, capture)
     with torch.inference_mode(False), torch.no_grad(), model_mode(model, train=False):

@@ -297,6 +297,20 @@ def test_ddp_cpu_two_processes_one_run_dir_one_eps_table(tmp_path: Path):
     assert torch.equal(load_ckpt(run_dir / "checkpoints" / "last.ckpt")["state_dict"]["eps_store.eps"], rank0)
 
 
+def test_a_trainer_of_the_other_namespace_names_the_package_to_use(tmp_path: Path) -> None:
+    """Issue 19, item 6: ``trainer._target_=lightning.pytorch.Trainer`` with the default (pytorch_lightning)
+    method and data stops before the Trainer is built, naming mma_lightning.lightning."""
+    pytest.importorskip("lightning")
+    proc = run_cli("mma-train", *TINY, f"hydra.run.dir={tmp_path / 'run'}", "trainer._target_=lightning.pytorch.Trainer",
+                   cwd=tmp_path, ok=False)
+    assert proc.returncode != 0
+    assert ("MMAModule is a pytorch_lightning class (from mma_lightning) and the Trainer is a lightning.pytorch "
+            "Trainer (lightning.Trainer): a Trainer takes only the classes of its own namespace. With a "
+            "lightning.pytorch Trainer, take the same classes from mma_lightning.lightning") in proc.stderr, \
+        proc.stderr[-3000:]
+    assert [p for p in tmp_path.rglob("*") if p.suffix in (".ckpt", ".json")] == []
+
+
 @pytest.mark.parametrize(("command", "overrides", "message"), [
     ("mma-train", ["norm.name=l3"], "norm must be one of ['linf', 'l2'], got 'l3'"),
     ("mma-train", ["data.data_dir={tmp}/nowhere"], "FashionMNIST not found (download=False)"),

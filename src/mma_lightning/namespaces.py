@@ -53,9 +53,9 @@ PACKAGES = {"pytorch_lightning": "mma_lightning", "lightning.pytorch": "mma_ligh
 
 
 def namespace_of(obj: object) -> str | None:
-    """The Lightning namespace (one of :data:`NAMESPACES`) whose classes ``obj``'s class derives from (a
-    module, datamodule, callback or Trainer); ``None`` for an object of neither."""
-    for klass in type(obj).__mro__:
+    """The Lightning namespace (one of :data:`NAMESPACES`) whose classes ``obj`` (a class, or an object of
+    that class) derives from: a module, datamodule, callback or Trainer; ``None`` for neither."""
+    for klass in (obj if isinstance(obj, type) else type(obj)).__mro__:
         for namespace in NAMESPACES:
             if klass.__module__ == namespace or klass.__module__.startswith(f"{namespace}."):
                 return namespace
@@ -63,8 +63,8 @@ def namespace_of(obj: object) -> str | None:
 
 
 def check_trainer_namespace(obj: object, trainer: object) -> None:
-    """``ValueError`` when ``obj`` (this library's module, datamodule or callback) and ``trainer`` are of
-    different Lightning namespaces, naming the package of the Trainer's namespace (:data:`PACKAGES`).
+    """``ValueError`` when ``obj`` (this library's module, datamodule or callback) and ``trainer`` (a Trainer or
+    its class) are of different Lightning namespaces, naming the package of the Trainer's namespace (:data:`PACKAGES`).
 
     Each namespace's Trainer takes only its own classes; without this check the mismatch surfaces as
     Lightning's own ``TypeError`` or ``ValueError: Expected a parent``, which name neither package.

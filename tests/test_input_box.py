@@ -114,3 +114,16 @@ def test_every_evaluation_entry_point_checks_the_box(entry: str) -> None:
     calls[entry]((x, y))  # pixels in [0, 1]
     calls[entry]((normalised(x), y), clip_min=None, clip_max=None)  # no box: nothing to check
     calls[entry](DataLoader(TensorDataset(normalised(x), y), batch_size=8), clip_min=-0.43, clip_max=2.83)
+
+
+def test_autoattack_checks_its_fixed_box_and_names_only_the_normalize_fix() -> None:
+    pytest.importorskip("torchattacks")
+    from mma_lightning.evaluation import autoattack_accuracy
+
+    x, y = blobs(8)
+    with pytest.raises(ValueError) as err:
+        autoattack_accuracy(tiny_net(), (normalised(x), y), "linf", [0.1])
+    message = str(err.value)
+    assert message.startswith("the evaluation inputs lie in [-0.4242, 2.821], outside the data box")
+    assert "mma_lightning.models.Normalize(mean, std)" in message and "clip_min and clip_max to" not in message
+    assert message.endswith("(this attack's box is fixed)")

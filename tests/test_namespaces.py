@@ -168,6 +168,31 @@ def test_a_trainer_refuses_the_other_namespace(tmp_path: Path) -> None:
         trainer(L, tmp_path, logger=False).fit(tiny_mma(mma_lightning), datamodule=tiny_datamodule(mml))
 
 
+def test_a_default_module_built_next_to_lightning_pytorch_says_which_package_to_use(monkeypatch,
+                                                                                    tmp_path: Path) -> None:
+    """Issue 19, item 6, the module itself: ``lightning.Trainer.fit`` refuses it before any of its hooks runs, so
+    the hint comes when it is built in a process on ``lightning.pytorch`` that never imported
+    ``mma_lightning.lightning`` (the lightning-hydra-template's case); then Lightning's own ``TypeError``."""
+    import re
+    import sys
+    import warnings
+
+    monkeypatch.delitem(sys.modules, "mma_lightning.lightning")
+    hint = ("MMAModule is a pytorch_lightning class (from mma_lightning) and lightning.pytorch is imported: a "
+            "lightning.Trainer refuses it (TypeError: `model` must be a `LightningModule`). With a lightning.Trainer, "
+            "use `from mma_lightning.lightning import MMAModule` (and mma_lightning.lightning.data, ...); with a "
+            "pytorch_lightning.Trainer, nothing to change")
+    with pytest.warns(UserWarning, match=f"^{re.escape(hint)}$"):
+        module = tiny_mma(mma_lightning)
+    with pytest.raises(TypeError, match="LightningModule"):
+        trainer(L, tmp_path, logger=False).fit(module, datamodule=tiny_datamodule(mml))
+    monkeypatch.setitem(sys.modules, "mma_lightning.lightning", mml)  # the user knows the mirror: no hint
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*is a pytorch_lightning class")
+        tiny_mma(mma_lightning)
+        tiny_mma(mml)
+
+
 OTHER_NAMESPACE = ("{name} is a {ours} class (from {ours_pkg}) and the Trainer is a {theirs} Trainer "
                    "({trainer}): a Trainer takes only the classes of its own namespace. With a {theirs} Trainer, "
                    "take the same classes from {theirs_pkg} (e.g. `from {theirs_pkg} import MMAModule`, "

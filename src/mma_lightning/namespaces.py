@@ -80,3 +80,19 @@ def check_trainer_namespace(obj: object, trainer: object) -> None:
         f"take the same classes from {PACKAGES[theirs]} (e.g. `from {PACKAGES[theirs]} import MMAModule`, "
         f"`{PACKAGES[theirs]}.data.{name if name.endswith('DataModule') else 'MNISTDataModule'}`); or keep "
         f"{PACKAGES[ours]} with a {ours} Trainer")
+
+
+def other_namespace_hint(obj: object) -> str | None:
+    """A hint for ``obj``, a ``pytorch_lightning`` class of this library built in a process that imported
+    ``lightning.pytorch`` but not :mod:`mma_lightning.lightning` (a project on ``import lightning`` adopting
+    ``mma_lightning.MMAModule``): a ``lightning.Trainer`` refuses it first thing in ``fit``, before any hook of
+    the library runs, so no later check can name the fix. ``None`` otherwise (``pytorch_lightning`` is always
+    imported here, so the reverse cannot be told)."""
+    if (namespace_of(obj) != NAMESPACES[0] or NAMESPACES[1] not in sys.modules
+            or PACKAGES[NAMESPACES[1]] in sys.modules):
+        return None
+    name = type(obj).__name__
+    return (f"{name} is a pytorch_lightning class (from mma_lightning) and lightning.pytorch is imported: a "
+            "lightning.Trainer refuses it (TypeError: `model` must be a `LightningModule`). With a lightning.Trainer, "
+            f"use `from mma_lightning.lightning import {name}` (and mma_lightning.lightning.data, ...); with a "
+            "pytorch_lightning.Trainer, nothing to change")

@@ -41,7 +41,7 @@ from mma_lightning.capture import Captured, check_compile_step, pad_batch
 from mma_lightning.methods.random_state import CHECKPOINT_KEY as RANDOM_STREAMS_KEY
 from mma_lightning.methods.random_state import RandomStreams
 from mma_lightning.methods.schedules import SCHEDULER_INTERVALS, lightning_scheduler
-from mma_lightning.namespaces import ModuleHost
+from mma_lightning.namespaces import ModuleHost, other_namespace_hint
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
@@ -171,6 +171,9 @@ class AdversarialModuleLogic(ModuleHost):
         if not isinstance(compile, (bool, Mapping)):  # a Hydra DictConfig is a Mapping
             raise ValueError(f"compile must be a bool or a dict of torch.compile arguments, got {compile!r}")
         check_compile_step(compile_step)
+        hint = other_namespace_hint(self)
+        if hint is not None:
+            warnings.warn(hint, stacklevel=2)
         # Factories are kept as attributes: hparams must stay picklable (a lambda would be dropped from them).
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
         # LightningCLI hands save_hyperparameters the parsed arguments only, without the defaults of the

@@ -196,6 +196,7 @@ def test_eval_tests_a_checkpoint_with_its_run_config_and_writes_the_report(train
     # 2 steps of the MNIST Linf protocol's eps/40 could not leave the ball's centre: the step fits 2 steps.
     assert pgd["settings"]["nb_iter"] == 2 and pgd["settings"]["step_fraction"] == pytest.approx(2.5 / 2)
     assert pgd["settings"]["protocol_step_fraction"] == pytest.approx(1 / 40)
+    assert pgd["settings"]["dataset"] == "FashionMNIST"  # the run's data names the protocol (issue 19, item 5)
     last = [line for line in proc.stdout.splitlines() if line.strip()][-1]  # the log's last line: the verdict
     assert "sanity checks passed" in last or "FLAGGED by the sanity checks" in last, last
     assert model["model"]["ckpt_path"] == str(best.resolve()) and len(model["model"]["state_sha256"]) == 64
@@ -294,6 +295,20 @@ def test_ddp_cpu_two_processes_one_run_dir_one_eps_table(tmp_path: Path):
     assert rank0.shape == (200,) and (rank0 > 0).any()
     assert torch.equal(rank0, rank1)
     assert torch.equal(load_ckpt(run_dir / "checkpoints" / "last.ckpt")["state_dict"]["eps_store.eps"], rank0)
+
+
+def test_a_trainer_of_the_other_namespace_names_the_package_to_use(tmp_path: Path) -> None:
+    """Issue 19, item 6: ``trainer._target_=lightning.pytorch.Trainer`` with the default (pytorch_lightning)
+    method and data stops before the Trainer is built, naming mma_lightning.lightning."""
+    pytest.importorskip("lightning")
+    proc = run_cli("mma-train", *TINY, f"hydra.run.dir={tmp_path / 'run'}", "trainer._target_=lightning.pytorch.Trainer",
+                   cwd=tmp_path, ok=False)
+    assert proc.returncode != 0
+    assert ("MMAModule is a pytorch_lightning class (from mma_lightning) and the Trainer is a lightning.pytorch "
+            "Trainer (lightning.Trainer): a Trainer takes only the classes of its own namespace. With a "
+            "lightning.pytorch Trainer, take the same classes from mma_lightning.lightning") in proc.stderr, \
+        proc.stderr[-3000:]
+    assert [p for p in tmp_path.rglob("*") if p.suffix in (".ckpt", ".json")] == []
 
 
 @pytest.mark.parametrize(("command", "overrides", "message"), [

@@ -532,6 +532,44 @@ def test_evaluate_model_step_follows_the_grid_protocol_and_eps_grid_accepts_unde
     assert ev.pgd.settings["step_fraction"] == 0.25 and ev.protocol == "fast"
 
 
+def test_paper_only_with_the_papers_data_norm_steps_and_step_sizes() -> None:
+    """Issue 19, item 5: a custom grid on MNIST-like data was called "paper" with steps of eps/4 (the paper's
+    MNIST Linf step is eps/40), the data being read off the grid's values."""
+    from mma_lightning.evaluation.report import protocol_text
+
+    x, y = torch.rand(4, 1, 4, 4), torch.zeros(4, dtype=torch.long)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    quick = dict(margins=False, sanity=False, progress=False)
+
+    def run(grid, **kwargs):
+        return evaluate_model(net, (x, y), "linf", grid, **quick, **kwargs)
+
+    custom = run([0.05, 0.1])  # the issue's case: no dataset, a grid that is not a preset
+    assert custom.protocol == "custom" and custom.pgd.settings["step_fraction"] == 0.25
+    assert custom.pgd.settings["dataset"] is None
+    assert protocol_text(custom).startswith(
+        "protocol **custom** (not the MMA paper's protocol: the data is not known to be one of the paper's (pass "
+        "dataset='mnist', 'fashion-mnist' or 'cifar10')): data unknown, norm linf, whitebox PGD, 100 steps of "
+        "0.25·eps, fitted to the step count, 5 restarts with each of the losses ce, cw")
+    mnist = run([0.05, 0.1], dataset="fashion-mnist")  # the data named: the paper's MNIST Linf step, eps/40
+    assert mnist.protocol == "paper" and mnist.pgd.settings["step_fraction"] == pytest.approx(1 / 40)
+    assert protocol_text(mnist).startswith("protocol **paper** (the MMA paper's protocol): data fashion-mnist, "
+                                           "norm linf, whitebox PGD, 100 steps of 0.025·eps")
+    wrong_step = run([0.05, 0.1], dataset="MNIST", protocol_step_fraction=0.25, protocol="paper")
+    assert wrong_step.protocol == "custom"  # a "paper" name the settings do not match is refused
+    assert "(not the MMA paper's protocol: step 0.25·eps, not 0.025·eps)" in protocol_text(wrong_step)
+    other = run([0.05, 0.1], dataset="svhn")
+    assert other.protocol == "custom" and other.pgd.settings["step_fraction"] == 0.25
+    assert "the data svhn is not one of the paper's" in protocol_text(other)
+    preset = run(MNIST_LINF_EPS)  # the paper's MNIST grid still means MNIST, as before, and says so
+    assert preset.protocol == "paper" and preset.pgd.settings["step_fraction"] == pytest.approx(1 / 40)
+    assert "data mnist (read off the eps grid)" in protocol_text(preset)
+    cifar = run(eps_grid("cifar10-linf")[:2], dataset="cifar10")
+    assert cifar.protocol == "paper" and cifar.pgd.settings["step_fraction"] == 0.25
+    with pytest.raises(ValueError, match="dataset must be the data's name"):
+        run([0.1], dataset=3)
+
+
 def test_callback_default_step_fits_its_steps() -> None:
     callback = RobustnessCallback([0.1, 0.2], nb_iter=20)
     assert callback.step_fraction is None  # fitted by robust_accuracy: max(eps/4, 2.5 eps / 20)
@@ -572,9 +610,9 @@ def test_report_and_plots_name_the_protocol_and_the_points(fixed_model, fashion,
                         margin_search_steps=5, probe_samples=32, progress=False, protocol="fast")
     sha = ev.data_info["samples_sha256"][:12]
     table = write_report([ev], tmp_path).table_markdown.read_text()
-    assert ("protocol **fast** (not the MMA paper's protocol (100 steps, 5 restarts per loss, ce + cw)): "
-            "whitebox PGD, 20 steps of 0.125·eps, fitted to the step count, 1 restart with each of the "
-            "losses ce, cw") in table
+    assert ("protocol **fast** (not the MMA paper's protocol: 20 steps, not 100; step 0.125·eps, not "
+            "0.025·eps; 1 restart per loss, not 5): data mnist (read off the eps grid), norm linf, whitebox PGD, "
+            "20 steps of 0.125·eps, fitted to the step count, 1 restart with each of the losses ce, cw") in table
     assert f"64 test points (sha256 {sha})" in table
     from mma_lightning.evaluation.report import plot_subtitle
 

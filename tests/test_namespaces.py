@@ -163,9 +163,68 @@ def test_fit_validate_test_and_reload_with_each_namespace(namespace: str, tmp_pa
 
 
 def test_a_trainer_refuses_the_other_namespace(tmp_path: Path) -> None:
-    """Why the mirror exists: each namespace's Trainer checks for its own LightningModule class."""
+    """Why the mirror exists: each namespace's Trainer checks for its own LightningModule class, first thing in
+    ``fit`` (before any hook the library could use, so this message stays Lightning's)."""
     with pytest.raises(TypeError, match="LightningModule"):
         trainer(L, tmp_path, logger=False).fit(tiny_mma(mma_lightning), datamodule=tiny_datamodule(mml))
+
+
+def test_a_default_module_built_next_to_lightning_pytorch_says_which_package_to_use(monkeypatch,
+                                                                                    tmp_path: Path) -> None:
+    """Issue 19, item 6, the module itself: ``lightning.Trainer.fit`` refuses it before any of its hooks runs, so
+    the hint comes when it is built in a process on ``lightning.pytorch`` that never imported
+    ``mma_lightning.lightning`` (the lightning-hydra-template's case); then Lightning's own ``TypeError``."""
+    import re
+    import sys
+    import warnings
+
+    monkeypatch.delitem(sys.modules, "mma_lightning.lightning")
+    hint = ("MMAModule is a pytorch_lightning class (from mma_lightning) and lightning.pytorch is imported: a "
+            "lightning.Trainer refuses it (TypeError: `model` must be a `LightningModule`). With a lightning.Trainer, "
+            "use `from mma_lightning.lightning import MMAModule` (and mma_lightning.lightning.data, ...); with a "
+            "pytorch_lightning.Trainer, nothing to change")
+    with pytest.warns(UserWarning, match=f"^{re.escape(hint)}$"):
+        module = tiny_mma(mma_lightning)
+    with pytest.raises(TypeError, match="LightningModule"):
+        trainer(L, tmp_path, logger=False).fit(module, datamodule=tiny_datamodule(mml))
+    monkeypatch.setitem(sys.modules, "mma_lightning.lightning", mml)  # the user knows the mirror: no hint
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*is a pytorch_lightning class")
+        tiny_mma(mma_lightning)
+        tiny_mma(mml)
+
+
+OTHER_NAMESPACE = ("{name} is a {ours} class (from {ours_pkg}) and the Trainer is a {theirs} Trainer "
+                   "({trainer}): a Trainer takes only the classes of its own namespace. With a {theirs} Trainer, "
+                   "take the same classes from {theirs_pkg} (e.g. `from {theirs_pkg} import MMAModule`, "
+                   "`{theirs_pkg}.data.{example}`); or keep {ours_pkg} with a {ours} Trainer")
+
+
+@pytest.mark.parametrize(("trainer_ns", "module_ns"), [("lightning", "pytorch_lightning"),
+                                                       ("pytorch_lightning", "lightning")])
+def test_a_datamodule_under_the_other_namespaces_trainer_names_the_package_to_use(trainer_ns: str,
+                                                                                  module_ns: str,
+                                                                                  tmp_path: Path) -> None:
+    """Issue 19, item 6: where the library sees the Trainer (its datamodules are attached to it; mma-train
+    builds both), the mismatch names ``mma_lightning.lightning`` (or ``mma_lightning``), not Lightning's
+    ``ValueError: Expected a parent``."""
+    from mma_lightning.namespaces import check_trainer_namespace
+
+    ns, package = NAMESPACES[trainer_ns]
+    other = NAMESPACES[module_ns][1]
+    names = {"pytorch_lightning": ("pytorch_lightning", "mma_lightning", "pytorch_lightning.Trainer"),
+             "lightning": ("lightning.pytorch", "mma_lightning.lightning", "lightning.Trainer")}
+    (ours, ours_pkg, _), (theirs, theirs_pkg, trainer_name) = names[module_ns], names[trainer_ns]
+    expected = OTHER_NAMESPACE.format(ours=ours, ours_pkg=ours_pkg, theirs=theirs, theirs_pkg=theirs_pkg,
+                                      trainer=trainer_name, name="{name}", example="{example}")
+    t = trainer(ns, tmp_path, logger=False, max_epochs=1)
+    with pytest.raises(ValueError) as err:
+        t.fit(tiny_mma(package), datamodule=tiny_datamodule(other))
+    assert str(err.value) == expected.format(name="TensorDataModule", example="TensorDataModule")
+    with pytest.raises(ValueError) as err:  # mma-train's check of its module against its trainer._target_
+        check_trainer_namespace(tiny_mma(other), t)
+    assert str(err.value) == expected.format(name="MMAModule", example="MNISTDataModule")
+    check_trainer_namespace(tiny_mma(package), t)  # the same namespace: nothing to say
 
 
 @pytest.mark.parametrize("name", ["PGDATModule", "PGDLSModule", "StandardModule", "TRADESModule"])

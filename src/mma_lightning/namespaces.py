@@ -46,3 +46,53 @@ def lightning_types(name: str) -> tuple[type, ...]:
         module_path, _, attr = f"{namespace}.{name}".rpartition(".")
         found.append(getattr(importlib.import_module(module_path), attr))
     return tuple(found)
+
+
+PACKAGES = {"pytorch_lightning": "mma_lightning", "lightning.pytorch": "mma_lightning.lightning"}
+"""The package of this library's classes for each namespace."""
+
+
+def namespace_of(obj: object) -> str | None:
+    """The Lightning namespace (one of :data:`NAMESPACES`) whose classes ``obj`` (a class, or an object of
+    that class) derives from: a module, datamodule, callback or Trainer; ``None`` for neither."""
+    for klass in (obj if isinstance(obj, type) else type(obj)).__mro__:
+        for namespace in NAMESPACES:
+            if klass.__module__ == namespace or klass.__module__.startswith(f"{namespace}."):
+                return namespace
+    return None
+
+
+def check_trainer_namespace(obj: object, trainer: object) -> None:
+    """``ValueError`` when ``obj`` (this library's module, datamodule or callback) and ``trainer`` (a Trainer or
+    its class) are of different Lightning namespaces, naming the package of the Trainer's namespace (:data:`PACKAGES`).
+
+    Each namespace's Trainer takes only its own classes; without this check the mismatch surfaces as
+    Lightning's own ``TypeError`` or ``ValueError: Expected a parent``, which name neither package.
+    """
+    ours, theirs = namespace_of(obj), namespace_of(trainer)
+    if ours is None or theirs is None or ours == theirs:
+        return
+    name = type(obj).__name__
+    trainer_name = "lightning.Trainer" if theirs == "lightning.pytorch" else "pytorch_lightning.Trainer"
+    raise ValueError(
+        f"{name} is a {ours} class (from {PACKAGES[ours]}) and the Trainer is a {theirs} Trainer "
+        f"({trainer_name}): a Trainer takes only the classes of its own namespace. With a {theirs} Trainer, "
+        f"take the same classes from {PACKAGES[theirs]} (e.g. `from {PACKAGES[theirs]} import MMAModule`, "
+        f"`{PACKAGES[theirs]}.data.{name if name.endswith('DataModule') else 'MNISTDataModule'}`); or keep "
+        f"{PACKAGES[ours]} with a {ours} Trainer")
+
+
+def other_namespace_hint(obj: object) -> str | None:
+    """A hint for ``obj``, a ``pytorch_lightning`` class of this library built in a process that imported
+    ``lightning.pytorch`` but not :mod:`mma_lightning.lightning` (a project on ``import lightning`` adopting
+    ``mma_lightning.MMAModule``): a ``lightning.Trainer`` refuses it first thing in ``fit``, before any hook of
+    the library runs, so no later check can name the fix. ``None`` otherwise (``pytorch_lightning`` is always
+    imported here, so the reverse cannot be told)."""
+    if (namespace_of(obj) != NAMESPACES[0] or NAMESPACES[1] not in sys.modules
+            or PACKAGES[NAMESPACES[1]] in sys.modules):
+        return None
+    name = type(obj).__name__
+    return (f"{name} is a pytorch_lightning class (from mma_lightning) and lightning.pytorch is imported: a "
+            "lightning.Trainer refuses it (TypeError: `model` must be a `LightningModule`). With a lightning.Trainer, "
+            f"use `from mma_lightning.lightning import {name}` (and mma_lightning.lightning.data, ...); with a "
+            "pytorch_lightning.Trainer, nothing to change")

@@ -102,6 +102,43 @@ def check_box(clip_min: float | None, clip_max: float | None) -> None:
         raise ValueError(f"clip_min must be < clip_max, got clip_min={clip_min}, clip_max={clip_max}")
 
 
+BOX_TOLERANCE = 1e-5
+"""How far (in input units) a value may lie outside ``[clip_min, clip_max]`` before :func:`check_in_box`
+refuses it: float rounding of an input pipeline, not a different data range."""
+
+
+def check_in_box(x: Tensor, clip_min: float | None, clip_max: float | None, where: str,
+                 box_settable: bool = True) -> None:
+    """Inputs must lie in the data box ``[clip_min, clip_max]`` (only while :func:`host_checks` is on).
+
+    MMA (Ding et al., ICLR 2020) and its reference code measure every eps in input units, on pixels in
+    ``[0, 1]``, and every attack clips its points to the box; inputs normalised outside the model lie
+    elsewhere (MNIST's mean/std: ``[-0.42, 2.82]``), and the attacks then silently measure wrong radii
+    (issue 19). One ``ValueError`` gives the observed range, the box and the two fixes. ``where`` names the
+    data (``"training"``, ``"validation"``, ``"test"``, ``"evaluation"``); ``box_settable=False`` (AutoAttack,
+    whose box is fixed) leaves out the second fix. One host sync (the min and max).
+    """
+    if clip_min is None or clip_max is None or not host_checks_enabled() or not torch.is_tensor(x):
+        return
+    if x.numel() == 0 or not x.is_floating_point():
+        return
+    lo, hi = (float(v) for v in torch.aminmax(x.detach()))
+    if lo >= clip_min - BOX_TOLERANCE and hi <= clip_max + BOX_TOLERANCE:
+        return
+    fix = ("move the normalisation into the model, net = torch.nn.Sequential(mma_lightning.models.Normalize("
+           f"mean, std), net), and feed inputs in [{clip_min:g}, {clip_max:g}] (e.g. torchvision's ToTensor() "
+           "without Normalize)")
+    if box_settable:
+        fix = (f"either {fix}; or set clip_min and clip_max to the range of your data (the normalised box, "
+               "e.g. (0 - mean) / std and (1 - mean) / std; eps is then in normalised units)")
+    else:
+        fix = f"{fix} (this attack's box is fixed)"
+    raise ValueError(
+        f"the {where} inputs lie in [{lo:.4g}, {hi:.4g}], outside the data box [clip_min, clip_max] = "
+        f"[{clip_min:g}, {clip_max:g}]: every eps is measured in input units and the attacks clip to the box, "
+        f"so robust accuracies and margins would be wrong (inputs normalised outside the model?). Fix: {fix}")
+
+
 def check_positive_int(name: str, value: int, minimum: int = 1) -> None:
     """An integer count such as ``nb_iter`` or ``search_steps``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

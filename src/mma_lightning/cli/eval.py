@@ -497,6 +497,8 @@ def evaluate_checkpoint(ckpt: Checkpoint, evaluator: Callable[..., ModelEvaluati
     evaluation = evaluator(model=net, data=loader, norm=ckpt.norm, eps_grid=ckpt.eps_grid, name=ckpt.name,
                            step_fraction=ckpt.step_fraction,
                            protocol_step_fraction=ckpt.protocol_step_fraction,
+                           dataset=getattr(datamodule, "dataset_name", None) or GRID_FAMILIES.get(
+                               str(ckpt.run_cfg.data.get("_target_", "?")).rsplit(".", 1)[-1]),
                            clip_min=hp.get("clip_min", 0.0), clip_max=hp.get("clip_max", 1.0),
                            model_info=model_info, data_info=data_info, cache_dir=cache_dir)
     return evaluation, metrics

@@ -20,13 +20,13 @@ import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from mma_lightning.cli.errors import run_reporting_errors
 from mma_lightning.evaluation import atomic
-from mma_lightning.namespaces import lightning_types
+from mma_lightning.namespaces import check_trainer_namespace, lightning_types
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         raise ValueError(f"method must build a LightningModule (method=mma, omma, pgd_at, pgdls, trades or "
                          f"standard), got {type(module).__name__}")
     check_model_fits_data(module, datamodule)
+    check_trainer_target(cfg.trainer, module, datamodule)
     callbacks = instantiate_dict(cfg.get("callbacks"), "callbacks")
     loggers = instantiate_dict(cfg.get("logger"), "logger")
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -187,6 +188,18 @@ def check_run_config(cfg: DictConfig) -> None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
             raise ValueError(f"trainer.{key} must be an integer >= {minimum}"
                              f"{' (-1: no limit)' if minimum == -1 else ''}, got {value!r}")
+
+
+def check_trainer_target(trainer_cfg: DictConfig, *parts: Any) -> None:
+    """A ``trainer._target_`` of the other Lightning namespace than the method's and the data's: the message
+    naming the package to use (:func:`~mma_lightning.namespaces.check_trainer_namespace`), before the Trainer
+    is built (the other namespace's Trainer would first refuse the checkpoint plugin, in its own words)."""
+    try:
+        trainer_class = get_class(str(trainer_cfg.get("_target_")))
+    except (ImportError, ValueError):  # a target that does not resolve: instantiate's own error says so
+        return
+    for part in parts:
+        check_trainer_namespace(part, trainer_class)
 
 
 def instantiate_dict(node: DictConfig | None, name: str) -> list[Any]:

@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from mma_lightning.data.resumable import ResumableDataLoader, ResumableSampler
-from mma_lightning.namespaces import DataModuleHost
+from mma_lightning.namespaces import DataModuleHost, check_trainer_namespace
 
 
 class IndexedDataset(Dataset):
@@ -103,6 +103,19 @@ class IndexedDataModuleLogic(DataModuleHost):
         self.per_device_batch_size = self.batch_size
         self.per_device_eval_batch_size = self.eval_batch_size
         self._datasets: tuple[Dataset, Dataset | None, Dataset | None] | None = None
+
+    @property  # type: ignore[override]
+    def trainer(self) -> Any:
+        """The Trainer this datamodule is attached to (Lightning sets it); a Trainer of the other Lightning
+        namespace is refused with a message naming this library's package for it
+        (:func:`~mma_lightning.namespaces.check_trainer_namespace`)."""
+        return self.__dict__.get("_attached_trainer")
+
+    @trainer.setter
+    def trainer(self, trainer: Any) -> None:
+        if trainer is not None:
+            check_trainer_namespace(self, trainer)
+        self.__dict__["_attached_trainer"] = trainer
 
     def build_datasets(self) -> tuple[Dataset, Dataset | None, Dataset | None]:
         """The ``(x, y)`` train, val and test datasets (val / test ``None`` when absent)."""

@@ -71,7 +71,8 @@ def autoattack_accuracy(
     collector = SampleCollector(["label", "correct", *(f"robust@{k}" for k in range(len(grid)))], device,
                                 sync=resolve_shard(shard))
     batches = evaluation_batches(data, device, batch_size=batch_size, max_samples=max_samples, shard=shard,
-                                 progress=progress, desc=f"AutoAttack {norm}")
+                                 progress=progress, desc=f"AutoAttack {norm}", box=(0.0, 1.0),
+                                 box_settable=False)
     fork_devices = [device] if device.type == "cuda" else []
     with torch.inference_mode(False), model_mode(model, train=False), torch.random.fork_rng(fork_devices):
         for x, y, index in batches:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm import tqdm  # plain text bars: no ipywidgets warning in notebooks
 
+from mma_lightning.attacks.checks import check_in_box
 from mma_lightning.attacks.context import (
     frozen_parameters,
     grad_enabled_outside_inference,
@@ -186,6 +187,8 @@ def evaluation_batches(
     shard: bool | None = None,
     progress: bool = False,
     desc: str = "eval",
+    box: tuple[float | None, float | None] | None = None,
+    box_settable: bool = True,
 ) -> Iterator[Batch]:
     """Iterate ``data`` as ``(x, y, index)`` batches on ``device`` (see the module docstring for ``data``).
 
@@ -197,6 +200,9 @@ def evaluation_batches(
         shard: split the data over the ``torch.distributed`` ranks with a non-padding sampler; ``None``:
             when a process group is initialised.
         progress: show a tqdm progress bar (rank 0 only).
+        box: the data box ``(clip_min, clip_max)``: the first batch must lie in it
+            (:func:`~mma_lightning.attacks.checks.check_in_box`; one host sync, none after);
+            ``box_settable``: whether the caller takes ``clip_min`` / ``clip_max`` (named as a fix).
     """
     check_positive_int("batch_size", batch_size)
     check_positive_int("max_samples", max_samples, optional=True)
@@ -234,6 +240,9 @@ def evaluation_batches(
             x, y, index = _split(batch, position)
             if x.shape[0] == 0:
                 continue
+            if box is not None:
+                check_in_box(x, *box, where="evaluation", box_settable=box_settable)
+                box = None  # the first batch only
             x = usable_for_autograd(x.to(device, non_blocking=True))
             y = usable_for_autograd(y.to(device, non_blocking=True))
             yield x, y, index.to(device, non_blocking=True)

@@ -106,10 +106,10 @@ class ModelEvaluation:
         }
 
 
-def protocol_name(settings: Mapping[str, Any], given: str | None) -> str:
-    """``"paper"`` for the release script's PGD settings (:func:`is_paper_protocol`), else ``given`` or
-    ``"custom"`` (a ``given`` ``"paper"`` that the settings do not match is ``"custom"``)."""
-    if is_paper_protocol(dict(settings)):
+def protocol_name(settings: Mapping[str, Any], norm: str, given: str | None) -> str:
+    """``"paper"`` for the release script's PGD settings on the paper's data and norm (:func:`is_paper_protocol`),
+    else ``given`` or ``"custom"`` (a ``given`` ``"paper"`` that the settings do not match is ``"custom"``)."""
+    if is_paper_protocol(settings, norm):
         return "paper"
     return "custom" if given in (None, "paper") else str(given)
 
@@ -202,6 +202,9 @@ def check_evaluation_settings(settings: Mapping[str, Any]) -> None:
     if not ((lo is None and hi is None) or (numbers and lo < hi)):
         raise ValueError("clip_min and clip_max must both be None (no data box) or numbers with clip_min < "
                          f"clip_max, got {lo!r} and {hi!r}")
+    if settings.get("dataset") is not None and (not isinstance(settings["dataset"], str) or not settings["dataset"]):
+        raise ValueError(f"dataset must be the data's name (e.g. 'mnist', 'fashion-mnist', 'cifar10') or None, "
+                         f"got {settings['dataset']!r}")
     if settings.get("protocol") is not None and not isinstance(settings["protocol"], str):
         raise ValueError(f"protocol must be a name (str) or None, got {settings['protocol']!r}")
 
@@ -218,6 +221,7 @@ def evaluate_model(
     losses: Sequence[str] = LOSSES,
     step_fraction: float | None = None,
     protocol_step_fraction: float | None = None,
+    dataset: str | None = None,
     rand_init: bool = True,
     clip_min: float | None = 0.0,
     clip_max: float | None = 1.0,
@@ -250,8 +254,10 @@ def evaluate_model(
     grid, with the same losses (:func:`estimate_margins`, margin search ``search``: ``"bisection"`` or
     ``"refined"``); their summary uses the eps grid as thresholds. ``sanity`` runs
     :func:`gradient_masking_checks` on the first ``probe_samples`` points. ``autoattack`` needs the optional
-    extra (``pip install "mma-lightning[autoattack]"``). ``protocol`` names the protocol in the report
-    (``"paper"`` is only kept when the settings are the paper's). ``cache_dir`` makes the evaluation
+    extra (``pip install "mma-lightning[autoattack]"``). ``dataset`` names the data (``"mnist"``,
+    ``"fashion-mnist"``, ``"cifar10"``, ...): the protocol is ``"paper"`` only when the data, norm, steps and
+    step sizes are the paper's (:func:`~mma_lightning.evaluation.protocol.is_paper_protocol`), and ``protocol``
+    names it otherwise (default ``"custom"``; the report spells out the settings). ``cache_dir`` makes the evaluation
     resumable (module docstring). ``model_info`` / ``data_info`` (e.g. the checkpoint path, dataset and
     split) are stored with computed fingerprints of the weights and the points. ``capture`` runs the PGD and
     margin attacks' model passes as captured graphs (CUDA graphs; ``True`` or ``torch.compile`` arguments;
@@ -271,6 +277,8 @@ def evaluate_model(
     pgd_args: dict[str, Any] = {"nb_iter": nb_iter, "restarts": restarts, "losses": losses,
                                 "step_fraction": step_fraction, "rand_init": rand_init, "seed": seed,
                                 "protocol_step_fraction": protocol_step_fraction, **box}
+    if dataset is not None:  # only when given: the cache keys of evaluations without it stay the same
+        pgd_args["dataset"] = dataset
     max_eps = 2 * grid[-1] if margin_max_eps is None else margin_max_eps
     margin_args: dict[str, Any] = {"init_eps": [e for e in grid if e <= max_eps] or None,
                                    "nb_iter": margin_nb_iter, "search_steps": margin_search_steps,
@@ -313,7 +321,7 @@ def evaluate_model(
         name=name, pgd=pgd,
         model_info={**(model_info or {}), **identity},
         data_info={**(data_info or {}), **data_identity(pgd.index, pgd.label)},
-        protocol=protocol_name(pgd.settings, protocol),
+        protocol=protocol_name(pgd.settings, pgd.norm, protocol),
     )
     if margins:
         evaluation.margins = estimate_margins(model, data, norm, max_eps, **margin_args, **common,

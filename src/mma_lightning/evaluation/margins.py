@@ -206,7 +206,7 @@ def estimate_margins(
     _, rank = distributed_world()
     collector = SampleCollector(["eps", "found", "correct"], device, sync=resolve_shard(shard))
     batches = evaluation_batches(data, device, batch_size=batch_size, max_samples=max_samples, shard=shard,
-                                 progress=progress, desc=f"margins {norm}")
+                                 progress=progress, desc=f"margins {norm}", box=(clip_min, clip_max))
     run = MarginSearch(model, norm, float(max_eps), nb_iter, search_steps, step_scale, rand_init, clip_min,
                        clip_max, search, capture)
     with torch.inference_mode(False), torch.no_grad(), model_mode(model, train=False):

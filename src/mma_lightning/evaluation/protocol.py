@@ -8,7 +8,8 @@ eps grid; AvgAcc is the same mean with the clean accuracy included.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 MNIST_LINF_EPS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4)
 """MNIST (and Fashion-MNIST) Linf grid of the paper."""
@@ -42,13 +43,45 @@ STEP_SCALE: float = 2.5
 step ``2.5 * eps / K``); ``100 * eps / 40`` is exactly that."""
 
 
-def protocol_step_fraction(norm: str, eps_grid: Sequence[float]) -> float:
-    """The release script's step fraction for a threat model and grid: ``eps / 40`` for the MNIST Linf grid
-    (:data:`MNIST_LINF_EPS`, recognised by its values), ``eps / 4`` otherwise."""
+DATASET_FAMILIES: dict[str, str] = {"mnist": "mnist", "fashionmnist": "mnist", "cifar10": "cifar10"}
+"""The datasets of the paper's protocol (names compared without case, ``-`` or ``_``) and the family whose eps
+grids and steps they take: MNIST and Fashion-MNIST (MNIST's settings), CIFAR10."""
+
+
+def dataset_family(dataset: str | None) -> str | None:
+    """``"mnist"`` or ``"cifar10"`` for a dataset of the paper's protocol (:data:`DATASET_FAMILIES`: ``"MNIST"``,
+    ``"fashion-mnist"``, ``"FashionMNIST"``, ``"cifar10"``, ...); ``None`` for any other or an unknown dataset."""
+    if not isinstance(dataset, str):
+        return None
+    return DATASET_FAMILIES.get(dataset.lower().replace("-", "").replace("_", ""))
+
+
+def paper_step_fraction(family: str | None, norm: str) -> float | None:
+    """The release script's step fraction for a dataset family and norm: ``eps / 40`` for MNIST Linf,
+    ``eps / 4`` for MNIST L2 and CIFAR10; ``None`` outside the paper's datasets."""
+    if family is None:
+        return None
+    return MNIST_LINF_STEP_FRACTION if (family, norm) == ("mnist", "linf") else DEFAULT_STEP_FRACTION
+
+
+def grid_family(norm: str, eps_grid: Sequence[float]) -> str | None:
+    """The dataset family whose preset grid for ``norm`` is exactly ``eps_grid`` (:data:`EPS_GRIDS`), else
+    ``None``: the only case where the data is read off the grid (a custom grid says nothing about the data)."""
     values = tuple(sorted(float(e) for e in eps_grid))
-    mnist = len(values) == len(MNIST_LINF_EPS) and all(
-        abs(a - b) < 1e-9 for a, b in zip(values, MNIST_LINF_EPS))
-    return MNIST_LINF_STEP_FRACTION if norm == "linf" and mnist else DEFAULT_STEP_FRACTION
+    for name, grid in EPS_GRIDS.items():
+        family, _, grid_norm = name.partition("-")
+        if grid_norm == norm and len(grid) == len(values) and all(
+                abs(a - b) < 1e-9 for a, b in zip(values, grid)):
+            return family
+    return None
+
+
+def protocol_step_fraction(norm: str, eps_grid: Sequence[float], dataset: str | None = None) -> float:
+    """The release script's step fraction for a threat model and data: ``eps / 40`` for MNIST-like Linf,
+    ``eps / 4`` otherwise. The data is ``dataset`` (:func:`dataset_family`) or, when not given, the family of
+    a preset grid (:func:`grid_family`: the MNIST Linf grid :data:`MNIST_LINF_EPS` means MNIST)."""
+    family = dataset_family(dataset) if dataset is not None else grid_family(norm, eps_grid)
+    return paper_step_fraction(family, norm) or DEFAULT_STEP_FRACTION
 
 
 def fit_step_fraction(nb_iter: int, protocol_fraction: float, step_scale: float = STEP_SCALE) -> float:
@@ -64,14 +97,42 @@ def fit_step_fraction(nb_iter: int, protocol_fraction: float, step_scale: float 
     return max(float(protocol_fraction), step_scale / nb_iter)
 
 
-def is_paper_protocol(settings: dict) -> bool:
-    """Whether PGD ``settings`` (:attr:`RobustnessResult.settings`) are the release script's protocol: 100
-    steps, 5 random restarts with each of CE and CW, the step fraction of the data's protocol
-    (``settings["protocol_step_fraction"]``)."""
-    fraction, protocol = settings.get("step_fraction"), settings.get("protocol_step_fraction")
+def is_paper_protocol(settings: Mapping[str, Any], norm: str) -> bool:
+    """Whether PGD ``settings`` (:attr:`RobustnessResult.settings`) under ``norm`` are the release script's
+    protocol: a dataset of the paper (``settings["dataset"]``, :func:`dataset_family`), 100 steps of the
+    paper's step for that dataset and norm (:func:`paper_step_fraction`), 5 random restarts with each of CE
+    and CW. A custom ``protocol_step_fraction`` or an unknown dataset is never the paper's."""
+    fraction = settings.get("step_fraction")
+    paper = paper_step_fraction(dataset_family(settings.get("dataset")), norm)
     return (settings.get("nb_iter") == PGD_STEPS and settings.get("restarts") == RESTARTS_PER_LOSS
             and tuple(settings.get("losses", ())) == LOSSES and bool(settings.get("rand_init"))
-            and fraction is not None and protocol is not None and abs(fraction - protocol) < 1e-12)
+            and fraction is not None and paper is not None and abs(fraction - paper) < 1e-12)
+
+
+def not_paper_reasons(settings: Mapping[str, Any], norm: str) -> list[str]:
+    """Where PGD ``settings`` under ``norm`` differ from the paper's protocol, in words (empty: they are the
+    paper's, :func:`is_paper_protocol`)."""
+    family = dataset_family(settings.get("dataset"))
+    paper = paper_step_fraction(family, norm)
+    reasons = []
+    if family is None:
+        dataset = settings.get("dataset")
+        reasons.append("the data is not known to be one of the paper's (pass dataset='mnist', 'fashion-mnist' or "
+                       "'cifar10')" if dataset is None else f"the data {dataset} is not one of the paper's")
+    if settings.get("nb_iter") != PGD_STEPS:
+        reasons.append(f"{settings.get('nb_iter')} steps, not {PGD_STEPS}")
+    fraction = settings.get("step_fraction")
+    if paper is not None and (fraction is None or abs(fraction - paper) >= 1e-12):
+        reasons.append(f"step {fraction:.4g}·eps, not {paper:.4g}·eps" if fraction is not None
+                       else "no step size")
+    restarts = settings.get("restarts")
+    if restarts != RESTARTS_PER_LOSS:
+        reasons.append(f"{restarts} restart{'' if restarts == 1 else 's'} per loss, not {RESTARTS_PER_LOSS}")
+    if tuple(settings.get("losses", ())) != LOSSES:
+        reasons.append(f"losses {' + '.join(settings.get('losses', ()))}, not {' + '.join(LOSSES)}")
+    if not settings.get("rand_init"):
+        reasons.append("no random start")
+    return reasons
 
 
 def grid_name(name: str) -> str:

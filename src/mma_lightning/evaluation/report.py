@@ -31,7 +31,13 @@ from matplotlib.figure import Figure
 from mma_lightning.evaluation.atomic import write_atomically
 from mma_lightning.evaluation.evaluate import ModelEvaluation
 from mma_lightning.evaluation.plots import margin_histogram_figure, robust_accuracy_figure
-from mma_lightning.evaluation.protocol import LOSSES, PGD_STEPS, RESTARTS_PER_LOSS, format_eps
+from mma_lightning.evaluation.protocol import (
+    LOSSES,
+    PGD_STEPS,
+    RESTARTS_PER_LOSS,
+    format_eps,
+    not_paper_reasons,
+)
 from mma_lightning.evaluation.robustness import RobustnessResult
 
 RESULTS_FORMAT = "mma-lightning/robustness-results"
@@ -183,10 +189,16 @@ def protocol_text(e: ModelEvaluation) -> str:
     s = e.pgd.settings
     start = "random start" if s["rand_init"] else "no random start"
     fitted = ", fitted to the step count" if s.get("step_fitted") else ""
+    reasons = not_paper_reasons(s, e.pgd.norm)
     paper = ("the MMA paper's protocol" if e.protocol == "paper" else
+             f"not the MMA paper's protocol: {'; '.join(reasons)}" if reasons else
              f"not the MMA paper's protocol ({PGD_STEPS} steps, {RESTARTS_PER_LOSS} restarts per loss, "
              f"{' + '.join(LOSSES)})")
-    return (f"protocol **{e.protocol}** ({paper}): whitebox PGD, {s['nb_iter']} steps of "
+    dataset = s.get("dataset") or "unknown"
+    if s.get("dataset_from_grid"):
+        dataset = f"{dataset} (read off the eps grid)"
+    return (f"protocol **{e.protocol}** ({paper}): data {dataset}, norm {e.pgd.norm}, whitebox PGD, "
+            f"{s['nb_iter']} steps of "
             f"{s['step_fraction']:.4g}·eps{fitted}, {_restarts(s['restarts'])} with each of the losses "
             f"{', '.join(s['losses'])} ({start}, seed {s['seed']}), worst case per sample; "
             f"{points_text(e)}")

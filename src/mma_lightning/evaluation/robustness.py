@@ -45,6 +45,7 @@ from mma_lightning.evaluation.protocol import (
     check_eps_grid,
     fit_step_fraction,
     format_eps,
+    grid_family,
 )
 from mma_lightning.evaluation.protocol import protocol_step_fraction as protocol_step_fraction_for
 from mma_lightning.evaluation.sharding import distributed_world
@@ -241,6 +242,7 @@ def robust_accuracy(
     losses: Sequence[str] = LOSSES,
     step_fraction: float | None = None,
     protocol_step_fraction: float | None = None,
+    dataset: str | None = None,
     rand_init: bool = True,
     clip_min: float | None = 0.0,
     clip_max: float | None = 1.0,
@@ -272,7 +274,11 @@ def robust_accuracy(
         step_fraction: step size as a fraction of eps (``0.25`` = ``eps / 4``), used as given; ``None``:
             ``fit_step_fraction(nb_iter, protocol_step_fraction)``, a step that fits the step count.
         protocol_step_fraction: the data's step fraction at the paper's 100 steps; ``None``: the release
-            script's for the grid (:func:`protocol_step_fraction`: ``eps / 40`` for the MNIST Linf grid).
+            script's for the data (:func:`protocol_step_fraction`: ``eps / 40`` for MNIST-like Linf).
+        dataset: the data's name (``"mnist"``, ``"fashion-mnist"``, ``"cifar10"``, or any other): it decides
+            the release script's step and whether the settings are the paper's protocol
+            (:func:`~mma_lightning.evaluation.protocol.is_paper_protocol`); ``None``: read off a preset grid
+            (the MNIST Linf grid means MNIST), else unknown.
         rand_init: random start in the ball (without it, restarts of one loss are the same attack).
         clip_min, clip_max: the data box (``None`` for both: no box).
         seed: base seed of the restarts' generators.
@@ -294,12 +300,17 @@ def robust_accuracy(
     losses = check_losses(losses)
     check_positive_int("nb_iter", nb_iter)
     check_positive_int("restarts", restarts)
-    protocol_fraction = (protocol_step_fraction_for(norm, grid) if protocol_step_fraction is None
+    if dataset is not None and (not isinstance(dataset, str) or not dataset):
+        raise ValueError(f"dataset must be the data's name (e.g. 'mnist', 'fashion-mnist', 'cifar10') or None, "
+                         f"got {dataset!r}")
+    protocol_fraction = (protocol_step_fraction_for(norm, grid, dataset) if protocol_step_fraction is None
                          else check_step_fraction("protocol_step_fraction", protocol_step_fraction))
     fraction = (fit_step_fraction(nb_iter, protocol_fraction) if step_fraction is None
                 else check_step_fraction("step_fraction", step_fraction))
     settings = {"nb_iter": nb_iter, "restarts": restarts, "losses": list(losses),
                 "step_fraction": fraction, "protocol_step_fraction": protocol_fraction,
+                "dataset": dataset if dataset is not None else grid_family(norm, grid),
+                "dataset_from_grid": dataset is None and grid_family(norm, grid) is not None,
                 "step_fitted": step_fraction is None, "rand_init": bool(rand_init),
                 "clip_min": clip_min, "clip_max": clip_max, "seed": seed}
     device = model_device(model)
@@ -307,7 +318,7 @@ def robust_accuracy(
     collector = SampleCollector(["label", "correct", *(f"robust@{k}" for k in range(len(grid)))], device,
                                 sync=resolve_shard(shard))
     batches = evaluation_batches(data, device, batch_size=batch_size, max_samples=max_samples, shard=shard,
-                                 progress=progress, desc=f"PGD {norm}")
+                                 progress=progress, desc=f"PGD {norm}", box=(clip_min, clip_max))
     timed = on_first_batch is not None
     run = PGDRun(model, norm, nb_iter, rand_init, clip_min, clip_max, capture)
     with torch.inference_mode(False), torch.no_grad(), model_mode(model, train=False):

@@ -26,7 +26,13 @@ from torchmetrics import MeanMetric
 from typing_extensions import TypedDict
 
 from mma_lightning.attacks import find_margin, get_norm
-from mma_lightning.attacks.checks import check_batch, check_labels, host_checks, host_checks_enabled
+from mma_lightning.attacks.checks import (
+    check_batch,
+    check_in_box,
+    check_labels,
+    host_checks,
+    host_checks_enabled,
+)
 from mma_lightning.attacks.context import model_mode
 from mma_lightning.attacks.losses import LOSSES
 from mma_lightning.attacks.margin import check_search
@@ -34,12 +40,13 @@ from mma_lightning.attacks.norms import NORM_NAMES
 from mma_lightning.capture import Captured, check_compile_step, pad_batch
 from mma_lightning.methods.random_state import CHECKPOINT_KEY as RANDOM_STREAMS_KEY
 from mma_lightning.methods.random_state import RandomStreams
-from mma_lightning.namespaces import ModuleHost
+from mma_lightning.methods.schedules import SCHEDULER_INTERVALS, lightning_scheduler
+from mma_lightning.namespaces import ModuleHost, other_namespace_hint
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
-SCHEDULER_INTERVALS = ("step", "epoch")
 EVAL_STAGES = ("val", "test")
+STAGE_NAMES = {"val": "validation", "test": "test"}
 
 
 class SkeletonKwargs(TypedDict, total=False):
@@ -51,6 +58,7 @@ class SkeletonKwargs(TypedDict, total=False):
     optimizer: OptimizerFactory
     scheduler: SchedulerFactory | None
     scheduler_interval: str
+    scheduler_monitor: str | None
     eval_eps: float
     eval_nb_iter: int
     eval_step_scale: float
@@ -81,7 +89,12 @@ class AdversarialModuleLogic(ModuleHost):
         net: any ``nn.Module`` mapping a batch to logits.
         norm: threat model, ``"linf"`` or ``"l2"``.
         optimizer: ``params -> Optimizer`` (e.g. ``functools.partial(torch.optim.SGD, lr=0.1)``).
-        scheduler: optional ``optimizer -> LRScheduler``, stepped every ``scheduler_interval``.
+        scheduler: optional ``optimizer -> LRScheduler``, stepped every ``scheduler_interval``; or a factory
+            returning Lightning's scheduler config (a dict with ``"scheduler"``, e.g.
+            :func:`~mma_lightning.methods.schedules.scheduler_config`), whose keys win.
+        scheduler_interval: ``"step"`` or ``"epoch"`` (a validation metric's monitor needs ``"epoch"``).
+        scheduler_monitor: the metric a scheduler such as ``ReduceLROnPlateau`` steps on (e.g. ``"val/acc"``,
+            ``"val/avg_eps"``); ``None``: none.
         eval_eps: the fixed eps of the validation PGD (reference: 0.3 MNIST Linf, 8/255 CIFAR10 Linf).
         eval_nb_iter: validation PGD steps; step size ``eval_step_scale * eval_eps / eval_nb_iter``.
         eval_max_eps: upper end of the validation margin search (default :meth:`default_eval_max_eps`).
@@ -90,7 +103,9 @@ class AdversarialModuleLogic(ModuleHost):
             (:func:`~mma_lightning.attacks.find_margin`; default budget).
         eval_loss: the validation PGD objective, summed over the batch: ``"slm"`` (the reference's model
             selection: soft logit margin at ``eval_eps``), or ``"ce"``, ``"lm"``, ``"cw"``.
-        clip_min, clip_max: the data box (``None`` for both: no box).
+        clip_min, clip_max: the data box (``None`` for both: no box). The first batch of each stage is
+            checked against it (:func:`~mma_lightning.attacks.checks.check_in_box`): inputs normalised
+            outside the model stop with the two fixes.
         compile: ``torch.compile`` the backbone in place (``net.compile()``; state-dict keys unchanged):
             ``True`` for the defaults, or a dict of ``torch.compile`` keyword arguments. Off by default
             (lightning-notes 7); every forward of the step keeps its batch shape, so after warm-up nothing
@@ -105,7 +120,7 @@ class AdversarialModuleLogic(ModuleHost):
             warning; the library's loaders drop the short last batch), an evaluation batch is padded.
         channels_last: store the backbone's 4-D weights and every 4-D input batch in ``channels_last``
             memory format (faster convolutions under bf16 on recent GPUs).
-        debug_checks: run the attacks' value checks (finite inputs, label range, radii: one host sync
+        debug_checks: run the attacks' value checks (finite inputs, label range, radii, the box: one host sync
             each) on every batch; by default only on the first batch of each stage (training, val, test),
             so a steady-state step never waits for the device.
     """
@@ -120,6 +135,7 @@ class AdversarialModuleLogic(ModuleHost):
         optimizer: OptimizerFactory = default_optimizer,
         scheduler: SchedulerFactory | None = None,
         scheduler_interval: str = "step",
+        scheduler_monitor: str | None = None,
         eval_eps: float = 0.3,
         eval_nb_iter: int = 20,
         eval_step_scale: float = 2.5,
@@ -142,6 +158,9 @@ class AdversarialModuleLogic(ModuleHost):
         if scheduler_interval not in SCHEDULER_INTERVALS:
             raise ValueError(f"scheduler_interval must be one of {list(SCHEDULER_INTERVALS)}, "
                              f"got {scheduler_interval!r}")
+        if scheduler_monitor is not None and (not isinstance(scheduler_monitor, str) or not scheduler_monitor):
+            raise ValueError(f"scheduler_monitor must be a metric name (e.g. 'val/acc') or None, "
+                             f"got {scheduler_monitor!r}")
         if not eval_eps > 0:
             raise ValueError(f"eval_eps must be > 0, got {eval_eps!r}")
         check_search(eval_search, 3, 4, name="eval_search")
@@ -152,6 +171,9 @@ class AdversarialModuleLogic(ModuleHost):
         if not isinstance(compile, (bool, Mapping)):  # a Hydra DictConfig is a Mapping
             raise ValueError(f"compile must be a bool or a dict of torch.compile arguments, got {compile!r}")
         check_compile_step(compile_step)
+        hint = other_namespace_hint(self)
+        if hint is not None:
+            warnings.warn(hint, stacklevel=2)
         # Factories are kept as attributes: hparams must stay picklable (a lambda would be dropped from them).
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
         # LightningCLI hands save_hyperparameters the parsed arguments only, without the defaults of the
@@ -245,6 +267,7 @@ class AdversarialModuleLogic(ModuleHost):
         if not self._fits_captured_batch("train", x.shape[0]):
             return None
         with self.host_checks_for("train"):
+            check_in_box(x, self.hparams.clip_min, self.hparams.clip_max, "training")
             loss = self.training_loss(self.as_input(x), y, index)
         self.log("train/loss", loss, prog_bar=True)
         return loss
@@ -325,6 +348,7 @@ class AdversarialModuleLogic(ModuleHost):
             self._captured_batch.setdefault("eval", n)  # the first evaluation batch fixes the graph's size
         noise_generator = self.random_streams.eval_generator(self.device)
         with self.host_checks_for(stage):
+            check_in_box(x, hp.clip_min, hp.clip_max, STAGE_NAMES[stage])
             if self._eval_graph is None:
                 noise = get_norm(self.norm).start_noise(x, noise_generator, boxed=hp.clip_min is not None)
                 outputs = self.eval_outputs(self.net, x, y, noise)
@@ -376,13 +400,14 @@ class AdversarialModuleLogic(ModuleHost):
 
     # --- optimisation -------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        """Optimiser from the factory; the scheduler (if any) stepped per ``scheduler_interval``."""
+        """Optimiser from the factory; the scheduler (if any) stepped per ``scheduler_interval``, on
+        ``scheduler_monitor`` when it names one (:func:`~mma_lightning.methods.schedules.lightning_scheduler`)."""
         optimizer = self.optimizer_factory(self.net.parameters())
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": scheduler, "interval": self.hparams.scheduler_interval}}
+        config = lightning_scheduler(self.scheduler_factory(optimizer), self.hparams.scheduler_interval,
+                                     self.hparams.get("scheduler_monitor"))
+        return {"optimizer": optimizer, "lr_scheduler": config}
 
 
 def _unpack(batch: Any) -> tuple[Tensor, Tensor, Tensor | None]:

@@ -35,11 +35,12 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.utils._pytree import tree_map
 
-from mma_lightning.attacks.checks import host_checks
+from mma_lightning.attacks.checks import check_in_box, host_checks
 from mma_lightning.callbacks.nonfinite import NonFiniteError
 from mma_lightning.capture import Captured
 from mma_lightning.methods.base import AdversarialModuleLogic, _unpack
 from mma_lightning.methods.random_state import CHECKPOINT_KEY as RANDOM_STREAMS_KEY
+from mma_lightning.methods.schedules import lightning_scheduler
 from mma_lightning.namespaces import ModuleHost
 
 log = logging.getLogger(__name__)
@@ -279,6 +280,7 @@ class PackedModuleLogic(ModuleHost):
             x, y, index = _unpack(run_batch)
             x = run.as_input(x)
             with run.host_checks_for("train"):
+                check_in_box(x, run.hparams.clip_min, run.hparams.clip_max, "training")
                 inputs.append(run.step_inputs(x, y, index))
                 run.check_batch_values(x, y)
             xs.append(x)
@@ -387,8 +389,12 @@ class PackedModuleLogic(ModuleHost):
             raise ValueError(f"the runs of a pack must share one LR schedule, got {sorted(factories)}")
         if runs[0].scheduler_factory is None:
             return first
-        return {"optimizer": first, "lr_scheduler": {"scheduler": runs[0].scheduler_factory(first),
-                                                     "interval": runs[0].hparams.scheduler_interval}}
+        config = lightning_scheduler(runs[0].scheduler_factory(first), runs[0].hparams.scheduler_interval,
+                                     runs[0].hparams.get("scheduler_monitor"))
+        if "monitor" in config:
+            raise ValueError(f"a scheduler that steps on a metric (monitor {config['monitor']!r}) would step every "
+                             "run of a pack on one run's metric: train runs with such a scheduler apart")
+        return {"optimizer": first, "lr_scheduler": config}
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:

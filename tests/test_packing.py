@@ -183,3 +183,27 @@ def test_a_captured_pack_equals_the_eager_one_without_recompiling(tmp_path: Path
     trainer(tmp_path / "captured", steps=4).fit(captured, datamodule=PackedDataModule([data(s) for s in SEEDS[:2]]))
     assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
     assert max_diff(captured.state_dict(), eager.state_dict()) < 1e-5
+
+
+def compose(*overrides: str) -> Any:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    with initialize_config_module(config_module="mma_lightning.conf", version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=["paths.output_dir=/runs/x", *overrides])
+
+
+def test_which_runs_share_a_pack() -> None:
+    from mma_lightning.packing.train import pack_key, train_pack, unpackable_reason
+
+    base = pack_key(compose("experiment=quickstart"))
+    packable = ("seed=3", "attack.max_eps=0.1", "method.clean_loss_coeff=0", "optimizer.lr=0.01",
+                "paths.output_dir=/runs/y")
+    assert pack_key(compose("experiment=quickstart", *packable)) == base
+    for apart in ("norm=l2", "trainer.max_steps=7"):
+        assert pack_key(compose("experiment=quickstart", apart)) != base, apart
+    assert unpackable_reason(compose("experiment=quickstart")) is None
+    assert "several devices" in str(unpackable_reason(compose("experiment=quickstart", "trainer.devices=2")))
+    with pytest.raises(ValueError, match=r"these runs also differ in \['method.nb_iter'\]"):
+        train_pack([compose("experiment=quickstart"), compose("experiment=quickstart", "method.nb_iter=3")],
+                   Path("/unused"))

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from mma_lightning.cli.checkpoint import BestAndLastCheckpoint
 from mma_lightning.cli.train import (
     check_model_fits_data,
+    check_preset_norm,
     check_run_config,
     floats,
     instantiate_dict,
@@ -103,6 +104,7 @@ def train_pack(cfgs: Sequence[DictConfig], pack_dir: Path, names: Sequence[str] 
                          f"; these runs also differ in {differing}")
     for cfg in cfgs:
         check_run_config(cfg)
+        check_preset_norm(cfg)
         reason = unpackable_reason(cfg)
         if reason is not None:
             raise ValueError(f"this run cannot be packed: {reason}")

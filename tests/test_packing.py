@@ -207,3 +207,18 @@ def test_which_runs_share_a_pack() -> None:
     with pytest.raises(ValueError, match=r"these runs also differ in \['method.nb_iter'\]"):
         train_pack([compose("experiment=quickstart"), compose("experiment=quickstart", "method.nb_iter=3")],
                    Path("/unused"))
+
+
+def test_the_packing_benchmark_runs_at_a_reduced_size(tmp_path: Path) -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "packed.py"
+    spec = importlib.util.spec_from_file_location("packed_benchmark", path)
+    assert spec is not None and spec.loader is not None
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    report = benchmark.main(["--device", "cpu", "--model", "tiny", "--runs", "1,2", "--reps", "1",
+                             "--json", str(tmp_path / "packed.json")])
+    assert [(r["runs"], r["batching"]) for r in report["rows"]] == [(1, "-"), (2, "loop"), (2, "vmap")]
+    assert all(r["images_per_s"] > 0 for r in report["rows"]) and report["rows"][0]["vs_one_run"] == 1.0
+    assert (tmp_path / "packed.json").is_file()

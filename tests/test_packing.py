@@ -211,11 +211,13 @@ def test_which_runs_share_a_pack() -> None:
 
 def test_the_packing_benchmark_runs_at_a_reduced_size(tmp_path: Path) -> None:
     import importlib.util
+    import sys
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "packed.py"
     spec = importlib.util.spec_from_file_location("packed_benchmark", path)
     assert spec is not None and spec.loader is not None
     benchmark = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = benchmark  # its dataclass looks its module up
     spec.loader.exec_module(benchmark)
     report = benchmark.main(["--device", "cpu", "--model", "tiny", "--runs", "1,2", "--reps", "1",
                              "--json", str(tmp_path / "packed.json")])

@@ -33,6 +33,7 @@ from mma_lightning.cli.train import (
     save_resolved_config,
     set_matmul_precision,
 )
+from mma_lightning.namespaces import lightning_types
 from mma_lightning.packing.checkpoint import RunCheckpoint
 from mma_lightning.packing.data import PackedDataModule
 from mma_lightning.packing.logger import RunLogger
@@ -150,7 +151,14 @@ def train_pack(cfgs: Sequence[DictConfig], pack_dir: Path, names: Sequence[str] 
                 if logger.prefix == f"{names[i]}/":
                     logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    trainer.fit(pack, datamodule=datamodule, ckpt_path=first.get("ckpt_path"))
+    resume = pack_dir / "checkpoints" / "last.ckpt"
+    try:
+        trainer.fit(pack, datamodule=datamodule, ckpt_path=first.get("ckpt_path"))
+    except lightning_types("utilities.exceptions.SIGTERMException"):  # type: ignore[misc]
+        # A signal (callbacks.stop_on_signal): the pack's last.ckpt is written; no test of half-trained runs.
+        log.warning(f"the pack stopped by a signal at step {trainer.global_step}; resume it with the same command "
+                    f"and ckpt_path={resume}")
+        return [_run_metrics(trainer.callback_metrics, name) for name in names]
     metrics = [_run_metrics(trainer.callback_metrics, name) for name in names]
     run_checkpoints = [c for c in trainer.callbacks if isinstance(c, RunCheckpoint)]  # type: ignore[attr-defined]
     summaries = [_summary(Path(cfg.paths.output_dir), run_checkpoints, i) for i, cfg in enumerate(cfgs)]
@@ -166,7 +174,7 @@ def train_pack(cfgs: Sequence[DictConfig], pack_dir: Path, names: Sequence[str] 
     if trainer.is_global_zero:
         stopped = ", ".join(names[i] for i in sorted(pack.stopped)) or "none"
         log.info(f"pack of {len(cfgs)} runs finished (stopped after a non-finite loss: {stopped}); resume the "
-                 f"pack with ckpt_path={pack_dir / 'checkpoints' / 'last.ckpt'}\n" + "\n".join(summaries))
+                 f"pack with ckpt_path={resume}\n" + "\n".join(summaries))
     return metrics
 
 

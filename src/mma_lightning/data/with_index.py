@@ -36,6 +36,8 @@ from mma_lightning.namespaces import DataModuleHost, lightning_types
 # DataLoader settings copied from the wrapped training loader (batch_size, drop_last, sampler handled apart).
 _LOADER_SETTINGS = ("num_workers", "pin_memory", "timeout", "worker_init_fn", "multiprocessing_context",
                     "persistent_workers", "pin_memory_device", "in_order")
+# Loaders of the wrapped module passed through as they are (when it defines them).
+_PASSED_LOADERS = ("val_dataloader", "test_dataloader", "predict_dataloader")
 # Hooks of LightningDataModule that move batches: run the wrapped module's own on (x, y), the index kept aside.
 _BATCH_HOOKS = ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
 
@@ -79,8 +81,8 @@ class WithIndexDataModuleLogic(DataModuleHost):
 
     Lightning's calls go to the wrapped module (``prepare_data``, ``setup`` with the trainer attached,
     ``teardown``, ``state_dict`` / ``load_state_dict``, the batch-transfer hooks on ``(x, y)``), so do attribute
-    reads the wrapper does not have (``num_classes``, ``hparams``, ...). ``val_dataloader`` / ``test_dataloader`` /
-    ``predict_dataloader`` are the wrapped module's. ``seed`` orders the shuffled training epochs (``seed + epoch``,
+    reads the wrapper does not have (``num_classes``, ...). ``val_dataloader`` / ``test_dataloader`` /
+    ``predict_dataloader`` are the wrapped module's (absent when it has none). ``seed`` orders the shuffled training epochs (``seed + epoch``,
     as ``DistributedSampler``) unless the wrapped loader's sampler is a ``DistributedSampler`` with its own seed.
     """
 
@@ -92,6 +94,11 @@ class WithIndexDataModuleLogic(DataModuleHost):
         self.seed = seed
         self.prepare_data_per_node = getattr(datamodule, "prepare_data_per_node", True)
         self._train_dataset: Dataset | None = None
+        # The wrapped module's own loaders and hooks only, so that Lightning sees what it defines (no validation
+        # loop for a datamodule without a validation loader).
+        for loader in _PASSED_LOADERS:
+            if _overrides(datamodule, loader):
+                setattr(self, loader, getattr(datamodule, loader))
         for hook in _BATCH_HOOKS:
             if _overrides(datamodule, hook):
                 setattr(self, hook, _pair_hook(getattr(datamodule, hook)))
@@ -127,18 +134,6 @@ class WithIndexDataModuleLogic(DataModuleHost):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the wrapped module's state."""
         self.datamodule.load_state_dict(state_dict)
-
-    def val_dataloader(self) -> Any:
-        """The wrapped module's validation loader, unchanged."""
-        return self.datamodule.val_dataloader()
-
-    def test_dataloader(self) -> Any:
-        """The wrapped module's test loader, unchanged."""
-        return self.datamodule.test_dataloader()
-
-    def predict_dataloader(self) -> Any:
-        """The wrapped module's predict loader, unchanged."""
-        return self.datamodule.predict_dataloader()
 
     # --- the training loader, with the index ---------------------------------------------------------------
     def train_dataloader(self) -> ResumableDataLoader:
@@ -184,11 +179,12 @@ class WithIndexDataModuleLogic(DataModuleHost):
         return len(self._train_dataset)  # type: ignore[arg-type]
 
 
-def _overrides(datamodule: Any, hook: str) -> bool:
-    """Whether ``datamodule`` defines its own ``hook`` (not Lightning's default)."""
-    own = getattr(type(datamodule), hook, None)
-    return own is not None and all(own is not getattr(base, hook, None)
-                                   for base in lightning_types("LightningDataModule"))
+def _overrides(datamodule: Any, name: str) -> bool:
+    """Whether ``datamodule`` defines its own method ``name`` (in its class or, as ``from_datasets`` does, on the
+    instance), not Lightning's default; compared by code as Lightning's ``is_overridden``."""
+    code = getattr(getattr(datamodule, name, None), "__code__", None)
+    return code is not None and all(code is not getattr(getattr(base, name, None), "__code__", None)
+                                    for base in lightning_types("LightningDataModule"))
 
 
 def _pair_hook(hook: Any) -> Any:

@@ -167,6 +167,14 @@ TRAINER_INTS = {"max_steps": -1, "max_epochs": -1, "log_every_n_steps": 1, "accu
                 "num_sanity_val_steps": -1, "check_val_every_n_epoch": 1}
 
 
+def check_whole_checkpoint(path: str | Path, key: str, hint: str) -> None:
+    """``ValueError`` naming ``key`` unless ``path`` is a whole ``torch.save`` file (its zip format): a truncated
+    or foreign file is refused in one line before any work, not by a pickle traceback mid-run."""
+    if not zipfile.is_zipfile(Path(path).expanduser()):
+        raise ValueError(f"{key}={str(path)!r} is not a whole checkpoint (torch.save's zip format); a truncated "
+                         f"or foreign file? {hint}")
+
+
 def check_run_config(cfg: DictConfig) -> None:
     """Refuse, naming the key, values of the run's own keys that would fail late or be misread: ``seed``
     (int or null), ``train`` / ``test`` (booleans), ``ckpt_path`` (a whole checkpoint file), and the
@@ -178,9 +186,8 @@ def check_run_config(cfg: DictConfig) -> None:
         if not isinstance(cfg.get(key, True), bool):
             raise ValueError(f"{key} must be true or false, got {cfg.get(key)!r}")
     ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path is not None and not zipfile.is_zipfile(Path(ckpt_path).expanduser()):
-        raise ValueError(f"ckpt_path={str(ckpt_path)!r} is not a whole checkpoint (torch.save's zip format); "
-                         "a truncated or foreign file? resume from <run>/checkpoints/last.ckpt")
+    if ckpt_path is not None:
+        check_whole_checkpoint(ckpt_path, "ckpt_path", "resume from <run>/checkpoints/last.ckpt")
     trainer = cfg.get("trainer") or {}
     for key, minimum in TRAINER_INTS.items():
         value = trainer.get(key)

@@ -679,7 +679,10 @@ def write_test_metrics(path: Path, tested: list[dict[str, Any]]) -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
 def main(cfg: DictConfig) -> None:
     """Entry point of ``mma-eval`` (Hydra's command line): :func:`evaluate`."""
-    run_reporting_errors(lambda: evaluate(cfg))
+    cache_dir = cfg.get("cache_dir")
+    kept = (f"; the finished batches are kept in cache_dir={cache_dir}: the same command goes on from them"
+            if cache_dir else "; nothing was written (cache_dir=null keeps no finished batches)")
+    run_reporting_errors(lambda: evaluate(cfg), command="mma-eval", interrupted=kept)
 
 
 if __name__ == "__main__":

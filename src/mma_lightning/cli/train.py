@@ -47,6 +47,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
                                 "(e.g. <run>/checkpoints/last.ckpt)")
     check_run_config(cfg)
     check_preset_norm(cfg)
+    if ckpt_path is not None and cfg.get("train", True):
+        check_resume_has_steps_left(ckpt_path, cfg.get("trainer") or {})
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
     datamodule: pl.LightningDataModule = instantiate(cfg.data)
@@ -56,6 +58,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
                          f"standard), got {type(module).__name__}")
     check_model_fits_data(module, datamodule)
     callbacks = instantiate_dict(cfg.get("callbacks"), "callbacks")
+    if (cfg.get("trainer") or {}).get("enable_progress_bar", True) and not any(
+            isinstance(c, lightning_types("callbacks.ProgressBar")) for c in callbacks):
+        callbacks.append(default_progress_bar())
     loggers = instantiate_dict(cfg.get("logger"), "logger")
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     check_launcher_fits_hydra_mode(trainer)
@@ -165,6 +170,39 @@ def run_summary(run_dir: Path, trainer: pl.Trainer) -> str:
 # Trainer settings mma-train's presets set, with the integers Lightning would only reject mid-setup.
 TRAINER_INTS = {"max_steps": -1, "max_epochs": -1, "log_every_n_steps": 1, "accumulate_grad_batches": 1,
                 "num_sanity_val_steps": -1, "check_val_every_n_epoch": 1}
+
+
+def default_progress_bar() -> pl.Callback:
+    """Lightning's default bar (rich when installed, else tqdm) in its resume-aware form
+    (:mod:`mma_lightning.callbacks.progress`)."""
+    from mma_lightning.callbacks import RichProgressBar, TQDMProgressBar
+
+    try:
+        import rich  # noqa: F401
+    except ImportError:
+        return TQDMProgressBar()
+    return RichProgressBar()
+
+
+def check_resume_has_steps_left(ckpt_path: str | Path, trainer: Any) -> None:
+    """``ValueError`` when resuming ``ckpt_path`` would train nothing: its run already reached
+    ``trainer.max_steps`` (or ``trainer.max_epochs``). Says how to extend it or evaluate it instead."""
+    saved = torch.load(Path(ckpt_path).expanduser(), map_location="cpu", weights_only=False, mmap=True)
+    step = int(saved.get("global_step", 0))
+    epochs = (saved.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+              .get("completed"))
+    max_steps, max_epochs = trainer.get("max_steps", -1), trainer.get("max_epochs")
+    if max_steps is not None and 0 <= max_steps <= step:
+        reached = f"it trained {step} steps and trainer.max_steps={max_steps}"
+        extend = f"raise trainer.max_steps (e.g. trainer.max_steps={2 * max(step, 1)})"
+    elif max_epochs is not None and epochs is not None and 0 <= max_epochs <= epochs:
+        reached = f"it trained {epochs} epochs and trainer.max_epochs={max_epochs}"
+        extend = f"raise trainer.max_epochs (e.g. trainer.max_epochs={2 * max(epochs, 1)})"
+    else:
+        return
+    raise ValueError(f"ckpt_path={str(ckpt_path)!r} is the end of a finished run ({reached}): resuming it would "
+                     f"train nothing. To train it longer, {extend}; to evaluate it, mma-eval "
+                     f"ckpt_path={ckpt_path}")
 
 
 def check_whole_checkpoint(path: str | Path, key: str, hint: str) -> None:

@@ -113,6 +113,13 @@ COMMAND_CASES = [
     ("train-nonfinite-mode", "train", ["callbacks.nonfinite.mode=retry"], "mode must be one of ['stop', 'skip']"),
     ("train-signals", "train", ["callbacks.stop_on_signal.signals=[SIGHUP]"], "signals must be names among"),
     ("eval-missing-ckpt", "eval", ["ckpt_path={tmp}/missing.ckpt"], "no such checkpoint file"),
+    # A sweep's metric that the run would never log: refused before training (issue 19, item 7).
+    ("train-metric-never-validated", "train", ["optimized_metric=val/robust_acc", "trainer.max_steps=2",
+                                               "trainer.val_check_interval=5", "trainer.check_val_every_n_epoch=null"],
+     "optimized_metric='val/robust_acc' is never logged: the run validates every 5 steps "
+     "(trainer.val_check_interval) but trains 2 (trainer.max_steps)"),
+    ("train-metric-unknown", "train", ["optimized_metric=val/robust_accuracy"],
+     "optimized_metric='val/robust_accuracy' is not a metric of the method: it logs ['val/acc', "),
 ]
 
 

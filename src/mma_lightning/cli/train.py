@@ -64,6 +64,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = instantiate_dict(cfg.get("logger"), "logger")
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     check_launcher_fits_hydra_mode(trainer)
+    check_optimized_metric(cfg.get("optimized_metric"), module, trainer, test=bool(cfg.get("test", False)))
     set_matmul_precision(cfg.get("float32_matmul_precision"), trainer)
 
     if trainer.is_global_zero:
@@ -131,7 +132,7 @@ def limit_test_to_training(budget: str | None, trainer: pl.Trainer, datamodule: 
     global batch size), so a short run does not spend many times its training time in the test pass (each
     test image costs a PGD attack and a margin search, about a training sample's cost). Only when
     ``trainer.limit_test_batches`` is left at 1.0 (the float: all batches; an int is a batch count the user
-    chose); ``test_budget=null`` always tests the whole split."""
+    chose, kept and stated in the log); ``test_budget=null`` always tests the whole split."""
     if budget not in TEST_BUDGETS:
         raise ValueError(f"test_budget must be one of {list(TEST_BUDGETS)} (null: the whole test split), "
                          f"got {budget!r}")
@@ -141,6 +142,12 @@ def limit_test_to_training(budget: str | None, trainer: pl.Trainer, datamodule: 
     # Lightning reads an int as a number of batches (1: one batch) and a float as a fraction (1.0: all).
     limit = trainer.limit_test_batches
     left_at_all = isinstance(limit, float) and limit == 1.0
+    if isinstance(limit, int) and not isinstance(limit, bool) and eval_batch_size and test_set is not None:
+        # A batch count chosen by the user or a preset (quickstart's 4) is kept, and said.
+        log.info(f"testing on the first ~{min(limit * eval_batch_size, len(test_set))} of {len(test_set)} test "
+                 f"images (trainer.limit_test_batches={limit} batches of {eval_batch_size}); "
+                 "trainer.limit_test_batches=1.0 test_budget=null tests all of them")
+        return
     if (budget is None or not left_at_all or batch_size is None or eval_batch_size is None
             or test_set is None
             or not isinstance(trainer.accelerator, lightning_types("accelerators.CPUAccelerator"))):
@@ -323,6 +330,32 @@ def floats(metrics: dict[str, Any]) -> dict[str, float]:
     return {key: float(value) for key, value in metrics.items()}
 
 
+def check_optimized_metric(name: str | None, module: Any, trainer: Any, test: bool) -> None:
+    """Before training (a sweep's first trial, not after it): ``optimized_metric`` names a metric this run
+    will log: a ``val/`` or ``test/`` metric of the method, from a run that validates at least once
+    (``trainer.limit_val_batches`` > 0, ``val_check_interval`` steps within ``max_steps``) or tests."""
+    if not name:
+        return
+    stage, _, metric = str(name).partition("/")
+    logged = getattr(module, "eval_metrics", {})
+    if stage in ("val", "test") and stage in logged and metric not in logged[stage]:
+        raise ValueError(f"optimized_metric={name!r} is not a metric of the method: it logs "
+                         f"{sorted(f'{stage}/{m}' for m in logged[stage])}")
+    if stage == "test" and not test:
+        raise ValueError(f"optimized_metric={name!r} is a test metric but test=false: set test=true or choose a "
+                         "val/ metric")
+    if stage != "val":
+        return
+    if trainer.limit_val_batches == 0:
+        raise ValueError(f"optimized_metric={name!r} needs a validation but trainer.limit_val_batches=0")
+    interval, max_steps = trainer.val_check_interval, trainer.max_steps
+    if (trainer.check_val_every_n_epoch is None and isinstance(interval, int) and max_steps is not None
+            and 0 <= max_steps < interval):
+        raise ValueError(f"optimized_metric={name!r} is never logged: the run validates every {interval} steps "
+                         f"(trainer.val_check_interval) but trains {max_steps} (trainer.max_steps); set "
+                         f"trainer.val_check_interval={max_steps} or fewer")
+
+
 def metric_value(metrics: dict[str, float], name: str | None) -> float | None:
     """``metrics[name]`` for a sweeper (``None`` when no metric is asked for); a clear error if absent."""
     if not name:
@@ -343,8 +376,7 @@ def _choices() -> dict[str, str]:
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Entry point of ``mma-train`` (Hydra's command line): :func:`train`, then ``cfg.optimized_metric``."""
-    metrics = run_reporting_errors(lambda: train(cfg))
-    return metric_value(metrics, cfg.get("optimized_metric"))
+    return run_reporting_errors(lambda: metric_value(train(cfg), cfg.get("optimized_metric")))
 
 
 if __name__ == "__main__":

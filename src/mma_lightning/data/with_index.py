@@ -115,6 +115,7 @@ class WithIndexDataModuleLogic(DataModuleHost):
     # --- Lightning's calls, passed on ----------------------------------------------------------------------
     def prepare_data(self) -> None:
         """The wrapped module's ``prepare_data`` (downloads, ...)."""
+        self.datamodule.trainer = self.trainer
         self.datamodule.prepare_data()
 
     def setup(self, stage: str | None = None) -> None:

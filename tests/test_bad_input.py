@@ -171,8 +171,12 @@ def test_ctrl_c_in_mma_eval_prints_one_line_and_leaves_no_run_directory(
     assert "Traceback" not in out + err and not (tmp_path / "run").exists()
 
 
-def test_a_failed_run_keeps_its_checkpoints_and_what_was_there_before(tmp_path: Path) -> None:
+def test_a_failed_run_keeps_its_checkpoints_and_what_was_there_before(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from mma_lightning.cli.errors import remove_failed_run, snapshot
+
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
 
     kept = tmp_path / "resumable"  # a run stopped with a checkpoint: everything stays
     (kept / ".hydra").mkdir(parents=True)
@@ -200,5 +204,9 @@ def test_a_failed_run_keeps_its_checkpoints_and_what_was_there_before(tmp_path: 
     (fresh / "train.log").write_text("")
     before = snapshot(fresh)
     (fresh / "config.yaml").write_text("a: 1")
+    monkeypatch.setenv("LOCAL_RANK", "1")  # another DDP process of the same run: leaves the folder to rank 0
+    remove_failed_run(fresh, before)
+    assert fresh.is_dir()
+    monkeypatch.setenv("LOCAL_RANK", "0")
     remove_failed_run(fresh, before)
     assert not fresh.exists()

@@ -85,7 +85,7 @@ def remove_failed_run(run_dir: Path | None, before: set[Path]) -> None:
     """Remove what a failed run wrote into ``run_dir``, unless a checkpoint is there (``*.ckpt``: a state to
     resume or evaluate, kept with everything beside it). A directory that held only Hydra's record when the
     task began is removed whole; otherwise only the paths the task added. Global rank 0 only (DDP)."""
-    if run_dir is None or not run_dir.is_dir() or os.environ.get("RANK", "0") != "0":
+    if run_dir is None or not run_dir.is_dir() or not global_rank_zero():
         return
     if any(run_dir.rglob("*.ckpt")):
         return
@@ -99,6 +99,12 @@ def remove_failed_run(run_dir: Path | None, before: set[Path]) -> None:
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
+
+
+def global_rank_zero() -> bool:
+    """Whether this process is the first of its job: rank 0 under torchrun, Lightning's launched processes and
+    srun (any rank variable set to another value means another process)."""
+    return all(os.environ.get(key, "0") == "0" for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 
 def log_to_files(level: int, message: str) -> None:

@@ -212,7 +212,8 @@ def with_index(datamodule: Any, seed: int = 0) -> Any:
 
     Example::
 
-        trainer.fit(MMAModule(Normalize(net, mean, std), max_eps=0.3), datamodule=with_index(MNISTDataModule()))
+        net = nn.Sequential(Normalize([0.1307], [0.3081]), SimpleDenseNet())  # normalisation inside the model
+        trainer.fit(MMAModule(net, max_eps=0.3), datamodule=with_index(MNISTDataModule()))  # the template's
     """
     if isinstance(datamodule, (IndexedDataModuleLogic, WithIndexDataModuleLogic)):
         return datamodule

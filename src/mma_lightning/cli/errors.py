@@ -34,12 +34,14 @@ class BadInputError(CompactHydraException):
     """A bad-input error as the commands show it: ``<ErrorType>: <message>``, no traceback."""
 
 
-def run_reporting_errors(task: Callable[[], T], command: str = "mma-train", interrupted: str = "") -> T:
+def run_reporting_errors(task: Callable[[], T], command: str = "mma-train", interrupted: str = "",
+                         remove_run_dir: bool = True) -> T:
     """``task()`` in the run directory Hydra made; any exception is logged to the run's log file and
     re-raised, a bad-input error as :class:`BadInputError`; Ctrl+C prints ``<command>: interrupted (Ctrl+C)``
-    and ``interrupted`` (what is kept, how to go on) and exits with :data:`INTERRUPTED_EXIT_CODE`. Either way a
-    run directory without a checkpoint is removed (:func:`remove_failed_run`)."""
-    run_dir = hydra_output_dir()
+    and ``interrupted`` (what is kept, how to go on) and exits with :data:`INTERRUPTED_EXIT_CODE`. Either way
+    (with ``remove_run_dir``: inside a Hydra job, whose output directory is this task's) a run directory without
+    a checkpoint is removed (:func:`remove_failed_run`)."""
+    run_dir = hydra_output_dir() if remove_run_dir else None
     before = snapshot(run_dir)
     try:
         return task()

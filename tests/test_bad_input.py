@@ -113,6 +113,13 @@ COMMAND_CASES = [
     ("train-nonfinite-mode", "train", ["callbacks.nonfinite.mode=retry"], "mode must be one of ['stop', 'skip']"),
     ("train-signals", "train", ["callbacks.stop_on_signal.signals=[SIGHUP]"], "signals must be names among"),
     ("eval-missing-ckpt", "eval", ["ckpt_path={tmp}/missing.ckpt"], "no such checkpoint file"),
+    # A sweep's metric that the run would never log: refused before training (issue 19, item 7).
+    ("train-metric-never-validated", "train", ["optimized_metric=val/robust_acc", "trainer.max_steps=2",
+                                               "trainer.val_check_interval=5", "trainer.check_val_every_n_epoch=null"],
+     "optimized_metric='val/robust_acc' is never logged: the run validates every 5 steps "
+     "(trainer.val_check_interval) but trains 2 (trainer.max_steps)"),
+    ("train-metric-unknown", "train", ["optimized_metric=val/robust_accuracy"],
+     "optimized_metric='val/robust_accuracy' is not a metric of the method: it logs ['val/acc', "),
 ]
 
 
@@ -133,10 +140,73 @@ def test_commands_print_one_message_and_write_nothing(command: str, overrides: l
     with pytest.raises(SystemExit) as info:
         main()
     assert info.value.code not in (0, None)
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert message in err, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     assert "Error executing job" in err
+    assert (out + err).count(message) == 1, out + err  # printed once, not also by the console log
     written = [p for p in tmp_path.rglob("*") if p.suffix in (".ckpt", ".json", ".png", ".md", ".pdf")
                and p.name != "truncated.ckpt"]
     assert written == []
+    assert not (tmp_path / "run").exists()  # no run directory left behind
+
+
+def test_ctrl_c_in_mma_eval_prints_one_line_and_leaves_no_run_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from mma_lightning.cli import eval as eval_cli
+
+    def interrupted(cfg):
+        (Path(cfg.paths.output_dir) / "partial.txt").write_text("half")  # something the run wrote
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(eval_cli, "evaluate", interrupted)
+    monkeypatch.setattr(sys, "argv", ["mma-eval", "ckpt_path=x.ckpt", f"cache_dir={tmp_path / 'cache'}",
+                                      f"hydra.run.dir={tmp_path / 'run'}"])
+    with pytest.raises(SystemExit) as info:
+        eval_cli.main()
+    assert info.value.code == 130
+    out, err = capsys.readouterr()
+    assert err.strip() == (f"mma-eval: interrupted (Ctrl+C); the finished batches are kept in "
+                           f"cache_dir={tmp_path / 'cache'}: the same command goes on from them")
+    assert "Traceback" not in out + err and not (tmp_path / "run").exists()
+
+
+def test_a_failed_run_keeps_its_checkpoints_and_what_was_there_before(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from mma_lightning.cli.errors import remove_failed_run, snapshot
+
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
+
+    kept = tmp_path / "resumable"  # a run stopped with a checkpoint: everything stays
+    (kept / ".hydra").mkdir(parents=True)
+    before = snapshot(kept)
+    (kept / "checkpoints").mkdir()
+    (kept / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    (kept / "config.yaml").write_text("a: 1")
+    remove_failed_run(kept, before)
+    assert (kept / "config.yaml").is_file() and (kept / "checkpoints" / "last.ckpt").is_file()
+
+    fixed = tmp_path / "fixed"  # a fixed hydra.run.dir holding the user's files: only the failed run's go
+    (fixed / "notes").mkdir(parents=True)
+    (fixed / "notes" / "mine.txt").write_text("keep")
+    (fixed / "train.log").write_text("")
+    before = snapshot(fixed)
+    (fixed / "csv" / "version_0").mkdir(parents=True)
+    (fixed / "csv" / "version_0" / "metrics.csv").write_text("step")
+    (fixed / "config.yaml").write_text("a: 1")
+    remove_failed_run(fixed, before)
+    assert sorted(str(p.relative_to(fixed)) for p in fixed.rglob("*")) == ["notes", "notes/mine.txt", "train.log"]
+
+    fresh = tmp_path / "fresh"  # only Hydra's record when the run began: the whole directory goes
+    (fresh / ".hydra").mkdir(parents=True)
+    (fresh / ".hydra" / "config.yaml").write_text("a: 1")
+    (fresh / "train.log").write_text("")
+    before = snapshot(fresh)
+    (fresh / "config.yaml").write_text("a: 1")
+    monkeypatch.setenv("LOCAL_RANK", "1")  # another DDP process of the same run: leaves the folder to rank 0
+    remove_failed_run(fresh, before)
+    assert fresh.is_dir()
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    remove_failed_run(fresh, before)
+    assert not fresh.exists()

@@ -138,7 +138,8 @@ BAD_INPUT = [
     ("wrong-layout", ["model_file=" + RELEASED, "model_source=robustbench", "data=mnist", "norm=linf"],
      "source='robustbench': the state dict is not in the robustbench_wrn layout"),
     ("data-with-ckpt", ["ckpt_path=" + RELEASED, "data=mnist", "norm=linf"],
-     "data=<name> / norm=<name> choose the data and norm of a released model"),
+     "a checkpoint trained outside mma-train is evaluated with its model, data and norm given here; "
+     "missing: model"),
     ("model-info-eps", ["model_file=" + RELEASED, "model_source=mma_training", "data=mnist", "norm=linf",
                         "model_info.enabled=true", "model_info.eps=0.25"],
      "model_info.eps=0.25 is not on the evaluation's eps grid"),

@@ -67,3 +67,32 @@ def test_histograms_and_pngs_after_each_validation(tmp_path: Path) -> None:
 def test_bad_bins_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="bins must be a positive int"):
         MarginPlots(bins=0)
+
+
+def test_the_eps_table_panel_draws_the_seen_samples_and_names_the_spikes() -> None:
+    """Early in training most of the table is unvisited zeros: only the visited samples are drawn; the
+    spikes at 0 (misclassified) and at the search cap are named in each panel (issue 19, item 7)."""
+    from mma_lightning.evaluation.margin_plots import margin_distributions_figure
+    from mma_lightning.methods.eps_store import EpsStore
+
+    store = EpsStore(1000)
+    store.update(torch.arange(10), torch.tensor([0.0, 0.0, 0.1, 0.2, 0.3, 0.3, 0.315, 0.315, 0.315, 0.05]))
+    assert int(store.seen.sum()) == 10
+    margins = torch.tensor([0.0, 0.0, 0.0, 0.1, 0.2, 0.6, 0.6])
+    fig = margin_distributions_figure(margins, store.eps, seen=store.seen, eval_eps=0.1, margin_max=0.6,
+                                      table_max=0.3)
+    val, table = fig.axes
+    assert table.get_title() == "MMA eps table (10 of 1000 seen, mean 0.1895)"
+    assert sum(p.get_height() for p in table.patches) == 10  # the seen samples only, the cap's bin included
+    val_labels = [t.get_text() for t in val.get_legend().get_texts()]
+    assert val_labels == ["eval eps 0.1", "at 0: 3 misclassified", "at 0.6: 2 with no boundary below the search cap"]
+    table_labels = [t.get_text() for t in table.get_legend().get_texts()]
+    assert table_labels == ["at 0: 2 misclassified", "at 0.315: 3 with no boundary below the search cap"]
+
+
+def test_a_checkpoint_without_the_seen_mask_loads() -> None:
+    from mma_lightning.methods.eps_store import EpsStore
+
+    store = EpsStore()
+    store.load_state_dict({"eps": torch.tensor([0.0, 0.2, 0.0, 0.1])})  # saved before ``seen`` existed
+    assert store.seen.tolist() == [False, True, False, True]

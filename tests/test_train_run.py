@@ -46,6 +46,19 @@ def test_bad_test_budget_is_a_clear_error() -> None:
         limit_test_to_training("some", None, None)  # type: ignore[arg-type]
 
 
+def test_a_preset_test_limit_is_kept_and_said(caplog) -> None:
+    """quickstart's trainer.limit_test_batches=4: the README's promise that the test pass says what it covers."""
+    from types import SimpleNamespace
+
+    trainer = SimpleNamespace(limit_test_batches=4)
+    data = SimpleNamespace(batch_size=50, eval_batch_size=500, test_set=range(10000))
+    with caplog.at_level(logging.INFO, logger="mma_lightning.cli.train"):
+        limit_test_to_training("auto", trainer, data)  # type: ignore[arg-type]
+    assert trainer.limit_test_batches == 4
+    assert ("testing on the first ~2000 of 10000 test images (trainer.limit_test_batches=4 batches of 500)"
+            in caplog.text)
+
+
 @pytest.mark.skipif(not FASHION.is_dir(), reason="needs Debian's dataset-fashion-mnist")
 def test_short_cpu_run_tests_a_share_and_ends_with_its_paths(tmp_path: Path, caplog) -> None:
     """2 steps of batch 50 (100 images seen): the test pass covers ~100 of the 10,000 test images, not all of

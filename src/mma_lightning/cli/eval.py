@@ -47,6 +47,7 @@ from mma_lightning.cli.train import (
     CONFIG_PATH,
     RESOLVED_CONFIG,
     check_model_fits_data,
+    check_whole_checkpoint,
     floats,
     write_atomically,
 )
@@ -83,7 +84,9 @@ MODEL_INFO_EPS = {("cifar10", "linf"): 8 / 255, ("cifar10", "l2"): 0.5, ("mnist"
 @dataclass
 class Checkpoint:
     """One model to evaluate: its file, its label, its run's config and the protocol's radii; for a released
-    model (``model_file``) also its layout and the model :func:`load_pretrained` built from the file."""
+    model (``model_file``) also its layout and the model :func:`load_pretrained` built from the file; for a
+    checkpoint trained outside ``mma-train`` the model built from ``model=`` with the checkpoint's weights
+    (``released``, no ``source``) and the checkpoint's step and epoch (``saved``)."""
 
     path: Path
     name: str
@@ -94,6 +97,7 @@ class Checkpoint:
     protocol_step_fraction: float
     source: str | None = None
     released: nn.Module | None = None
+    saved: dict[str, Any] | None = None
 
 
 def evaluate(cfg: DictConfig) -> list[ModelEvaluation]:
@@ -248,11 +252,13 @@ def plan_checkpoints(cfg: DictConfig) -> list[Checkpoint]:
     labels and radii; every input error is raised here, before any evaluation."""
     if cfg.get("model_file") is not None or cfg.get("model_source") is not None:
         return [plan_released(cfg)]
-    if released_groups(cfg) != (False, False):
-        raise ValueError("data=<name> / norm=<name> choose the data and norm of a released model (with "
-                         "model_file=<file> model_source=<layout>); a checkpoint's come from its run's config: "
-                         "change them with +data.<key>=... / +method.<key>=...")
     paths = checkpoint_paths(cfg.get("ckpt_path"), cfg.get("ckpt_paths"))
+    for path in paths:
+        check_whole_checkpoint(path, "ckpt_path" if cfg.get("ckpt_path") is not None else "ckpt_paths",
+                               "evaluate a checkpoint that a run finished writing, e.g. "
+                               "<run>/checkpoints/last.ckpt")
+    if model_given(cfg) or released_groups(cfg) != (False, False):
+        return plan_outside(cfg, paths)
     if cfg.get("run_config") is not None and len(paths) > 1:
         raise ValueError("run_config applies to one checkpoint (ckpt_path=...); with ckpt_paths each run's "
                          f"{RESOLVED_CONFIG} is found from its checkpoint")
@@ -265,6 +271,79 @@ def plan_checkpoints(cfg: DictConfig) -> list[Checkpoint]:
                    for path, name, run_cfg in zip(paths, names, run_cfgs)]
     check_comparable(checkpoints)
     return checkpoints
+
+
+# What a checkpoint trained outside mma-train (or a released model) needs from the command line.
+OUTSIDE_HINT = ("model=<name> (one of {models}) or +model._target_=<class> (+model.<argument>=...), "
+                "data=<name> (one of {data}) and norm=<name> (one of {norms})")
+
+
+def model_given(cfg: DictConfig) -> bool:
+    """Whether a model was given (``model=<name>`` or ``+model._target_=<class>``): the backbone of a checkpoint
+    trained outside ``mma-train``."""
+    return "_target_" in (cfg.get("model") or {})
+
+
+def outside_hint() -> str:
+    """The options that evaluate a checkpoint trained outside ``mma-train``, with their choices."""
+    return OUTSIDE_HINT.format(models=config_options("model"), data=config_options("data"),
+                               norms=config_options("norm"))
+
+
+def plan_outside(cfg: DictConfig, paths: Sequence[Path]) -> list[Checkpoint]:
+    """Checkpoints of a LightningModule trained outside ``mma-train`` (an ``MMAModule`` in one's own Lightning
+    project, say): no run config, so, as for a released model, the data and norm come from ``data=`` /
+    ``norm=`` (with ``released_method``'s test_step) and the backbone from ``model=`` or a ``_target_``
+    override, its weights the checkpoint's ``net.*`` (the module's ``net``). Every input error is raised here,
+    one message naming everything that is missing."""
+    if cfg.get("run_config") is not None:
+        raise ValueError("give a checkpoint's run either as run_config=<an mma-train run's config.yaml> or as "
+                         "model=<name> data=<name> norm=<name> (a checkpoint trained outside mma-train), not "
+                         f"both, got run_config={cfg.get('run_config')!r}")
+    data, norm = released_groups(cfg)
+    missing = [part for part, given in (("model", model_given(cfg)), ("data", data), ("norm", norm))
+               if not given]
+    if missing:
+        raise ValueError(f"ckpt_path: a checkpoint trained outside mma-train is evaluated with its model, data "
+                         f"and norm given here; missing: {', '.join(missing)}. Add {outside_hint()}, e.g. "
+                         "model=lenet5_madry data=fashion_mnist norm=linf")
+    run_cfg = released_run_config(cfg)
+    model = str(cfg.model._target_)
+    checkpoints = []
+    for path in paths:
+        net = instantiate(cfg.model)
+        if not isinstance(net, nn.Module):
+            raise ValueError(f"model._target_={model} must build a torch.nn.Module, got {type(net).__name__}")
+        saved = load_backbone(net, path, model)
+        datamodule, module = build_run(run_cfg, net=net)
+        check_model_fits_data(module, datamodule)
+        checkpoints.append((path, net, saved))
+    names = checkpoint_names(cfg.get("names"), paths, [model.rsplit(".", 1)[-1]] * len(paths))
+    planned = [Checkpoint(path, name, run_cfg, *run_protocol(run_cfg, cfg.evaluation), released=net,
+                          saved={key: saved.get(key) for key in ("global_step", "epoch")})
+               for (path, net, saved), name in zip(checkpoints, names)]
+    check_comparable(planned)
+    return planned
+
+
+def load_backbone(net: nn.Module, path: Path, model: str) -> dict[str, Any]:
+    """Load the backbone weights of a Lightning checkpoint (its ``net.*`` keys, the module's ``net``, as in
+    every method of this package) into ``net``, strictly; returns the checkpoint."""
+    saved = read_checkpoint(path)
+    state = saved["state_dict"]
+    weights = {key[len("net."):]: value for key, value in state.items() if key.startswith("net.")}
+    if not weights:
+        prefixes = sorted({key.split(".", 1)[0] for key in state})
+        raise ValueError(f"ckpt_path: {path} holds no backbone weights net.* (a method of this package keeps its "
+                         f"model as .net); its state_dict keys start with {prefixes}")
+    try:
+        net.load_state_dict(weights)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"ckpt_path: the weights of {path} do not fit model._target_={model} ({first}): "
+                         "give the model the checkpoint was trained with, model=<name> or "
+                         "+model._target_=<class> with its arguments") from None
+    return saved
 
 
 def released_groups(cfg: DictConfig) -> tuple[bool, bool]:
@@ -372,7 +451,8 @@ def find_run_config(ckpt_path: Path, run_config: str | None = None) -> Path:
             return path
     looked = ", ".join(str(p) for p in candidates)
     raise FileNotFoundError(f"no training config for ckpt_path={str(ckpt_path)!r}: looked for {looked}; "
-                            f"pass run_config=<run>/{RESOLVED_CONFIG}")
+                            f"pass run_config=<run>/{RESOLVED_CONFIG}, or, for a checkpoint trained outside "
+                            f"mma-train, {outside_hint()}")
 
 
 def load_run_config(path: Path) -> DictConfig:
@@ -381,7 +461,8 @@ def load_run_config(path: Path) -> DictConfig:
     missing = [key for key in ("data", "method") if key not in cfg]
     if missing:
         raise ValueError(f"run config {path} has no {' / '.join(missing)} node: is it the "
-                         "config.yaml of an mma-train run?")
+                         "config.yaml of an mma-train run? For a checkpoint trained outside mma-train, drop "
+                         f"run_config and give {outside_hint()}")
     return cfg  # type: ignore[return-value]
 
 
@@ -472,7 +553,7 @@ def evaluate_checkpoint(ckpt: Checkpoint, evaluator: Callable[..., ModelEvaluati
     :func:`load_pretrained` built), run the method's ``test_step`` (with a ``trainer``) and the robustness
     evaluation on the same test points (the first ``max_samples`` of the test split)."""
     datamodule, module = build_run(ckpt.run_cfg, net=ckpt.released)
-    saved = {} if ckpt.released is not None else load_weights(module, ckpt.path)
+    saved = (ckpt.saved or {}) if ckpt.released is not None else load_weights(module, ckpt.path)
     datamodule.setup("test")
     loader = datamodule.test_dataloader()
     if not loader:
@@ -484,7 +565,7 @@ def evaluate_checkpoint(ckpt: Checkpoint, evaluator: Callable[..., ModelEvaluati
     net = getattr(module, "net", module).to(device).eval()
     hp = ckpt.run_cfg.method
     architecture = architecture_name(getattr(net, "_orig_mod", net))
-    if ckpt.released is not None:
+    if ckpt.source is not None:
         model_info = {"model_file": str(ckpt.path.resolve()), "model_source": ckpt.source,
                       "method": hp.get("_target_"), "architecture": architecture}
     else:
@@ -540,10 +621,22 @@ def build_run(run_cfg: DictConfig,
 
 def load_weights(module: pl.LightningModule, ckpt_path: Path) -> dict[str, Any]:
     """Load the ``state_dict`` of a Lightning checkpoint into ``module`` (strict); returns the checkpoint."""
-    saved = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    if not isinstance(saved, dict) or "state_dict" not in saved:
-        raise ValueError(f"{ckpt_path} is not a Lightning checkpoint (no state_dict)")
+    saved = read_checkpoint(ckpt_path)
     module.load_state_dict(saved["state_dict"])
+    return saved
+
+
+def read_checkpoint(ckpt_path: Path) -> dict[str, Any]:
+    """A Lightning checkpoint file's contents; one ``ValueError`` naming the file for one that cannot be read
+    (a truncated or foreign file) or holds no ``state_dict``."""
+    try:
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - unpickling raises anything; the file is what to fix
+        raise ValueError(f"ckpt_path={str(ckpt_path)!r} cannot be read as a checkpoint ({type(err).__name__}: "
+                         f"{str(err).strip().splitlines()[0] if str(err).strip() else '-'}); a truncated or "
+                         "foreign file? evaluate <run>/checkpoints/last.ckpt of a run") from None
+    if not isinstance(saved, dict) or "state_dict" not in saved:
+        raise ValueError(f"ckpt_path={str(ckpt_path)!r} is not a Lightning checkpoint (no state_dict)")
     return saved
 
 
@@ -588,7 +681,10 @@ def write_test_metrics(path: Path, tested: list[dict[str, Any]]) -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
 def main(cfg: DictConfig) -> None:
     """Entry point of ``mma-eval`` (Hydra's command line): :func:`evaluate`."""
-    run_reporting_errors(lambda: evaluate(cfg))
+    cache_dir = cfg.get("cache_dir")
+    kept = (f"; the finished batches are kept in cache_dir={cache_dir}: the same command goes on from them"
+            if cache_dir else "; nothing was written (cache_dir=null keeps no finished batches)")
+    run_reporting_errors(lambda: evaluate(cfg), command="mma-eval", interrupted=kept)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
                                 "(e.g. <run>/checkpoints/last.ckpt)")
     check_run_config(cfg)
     check_preset_norm(cfg)
+    if ckpt_path is not None and cfg.get("train", True):
+        check_resume_has_steps_left(ckpt_path, cfg.get("trainer") or {})
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
     datamodule: pl.LightningDataModule = instantiate(cfg.data)
@@ -57,9 +59,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_model_fits_data(module, datamodule)
     check_trainer_target(cfg.trainer, module, datamodule)
     callbacks = instantiate_dict(cfg.get("callbacks"), "callbacks")
+    if (cfg.get("trainer") or {}).get("enable_progress_bar", True) and not any(
+            isinstance(c, lightning_types("callbacks.ProgressBar")) for c in callbacks):
+        callbacks.append(default_progress_bar())
     loggers = instantiate_dict(cfg.get("logger"), "logger")
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     check_launcher_fits_hydra_mode(trainer)
+    check_optimized_metric(cfg.get("optimized_metric"), module, trainer, test=bool(cfg.get("test", False)))
     set_matmul_precision(cfg.get("float32_matmul_precision"), trainer)
 
     if trainer.is_global_zero:
@@ -127,7 +133,7 @@ def limit_test_to_training(budget: str | None, trainer: pl.Trainer, datamodule: 
     global batch size), so a short run does not spend many times its training time in the test pass (each
     test image costs a PGD attack and a margin search, about a training sample's cost). Only when
     ``trainer.limit_test_batches`` is left at 1.0 (the float: all batches; an int is a batch count the user
-    chose); ``test_budget=null`` always tests the whole split."""
+    chose, kept and stated in the log); ``test_budget=null`` always tests the whole split."""
     if budget not in TEST_BUDGETS:
         raise ValueError(f"test_budget must be one of {list(TEST_BUDGETS)} (null: the whole test split), "
                          f"got {budget!r}")
@@ -137,6 +143,12 @@ def limit_test_to_training(budget: str | None, trainer: pl.Trainer, datamodule: 
     # Lightning reads an int as a number of batches (1: one batch) and a float as a fraction (1.0: all).
     limit = trainer.limit_test_batches
     left_at_all = isinstance(limit, float) and limit == 1.0
+    if isinstance(limit, int) and not isinstance(limit, bool) and eval_batch_size and test_set is not None:
+        # A batch count chosen by the user or a preset (quickstart's 4) is kept, and said.
+        log.info(f"testing on the first ~{min(limit * eval_batch_size, len(test_set))} of {len(test_set)} test "
+                 f"images (trainer.limit_test_batches={limit} batches of {eval_batch_size}); "
+                 "trainer.limit_test_batches=1.0 test_budget=null tests all of them")
+        return
     if (budget is None or not left_at_all or batch_size is None or eval_batch_size is None
             or test_set is None
             or not isinstance(trainer.accelerator, lightning_types("accelerators.CPUAccelerator"))):
@@ -168,6 +180,47 @@ TRAINER_INTS = {"max_steps": -1, "max_epochs": -1, "log_every_n_steps": 1, "accu
                 "num_sanity_val_steps": -1, "check_val_every_n_epoch": 1}
 
 
+def default_progress_bar() -> pl.Callback:
+    """Lightning's default bar (rich when installed, else tqdm) in its resume-aware form
+    (:mod:`mma_lightning.callbacks.progress`)."""
+    from mma_lightning.callbacks import RichProgressBar, TQDMProgressBar
+
+    try:
+        import rich  # noqa: F401
+    except ImportError:
+        return TQDMProgressBar()
+    return RichProgressBar()
+
+
+def check_resume_has_steps_left(ckpt_path: str | Path, trainer: Any) -> None:
+    """``ValueError`` when resuming ``ckpt_path`` would train nothing: its run already reached
+    ``trainer.max_steps`` (or ``trainer.max_epochs``). Says how to extend it or evaluate it instead."""
+    saved = torch.load(Path(ckpt_path).expanduser(), map_location="cpu", weights_only=False, mmap=True)
+    step = int(saved.get("global_step", 0))
+    epochs = (saved.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+              .get("completed"))
+    max_steps, max_epochs = trainer.get("max_steps", -1), trainer.get("max_epochs")
+    if max_steps is not None and 0 <= max_steps <= step:
+        reached = f"it trained {step} steps and trainer.max_steps={max_steps}"
+        extend = f"raise trainer.max_steps (e.g. trainer.max_steps={2 * max(step, 1)})"
+    elif max_epochs is not None and epochs is not None and 0 <= max_epochs <= epochs:
+        reached = f"it trained {epochs} epochs and trainer.max_epochs={max_epochs}"
+        extend = f"raise trainer.max_epochs (e.g. trainer.max_epochs={2 * max(epochs, 1)})"
+    else:
+        return
+    raise ValueError(f"ckpt_path={str(ckpt_path)!r} is the end of a finished run ({reached}): resuming it would "
+                     f"train nothing. To train it longer, {extend}; to evaluate it, mma-eval "
+                     f"ckpt_path={ckpt_path}")
+
+
+def check_whole_checkpoint(path: str | Path, key: str, hint: str) -> None:
+    """``ValueError`` naming ``key`` unless ``path`` is a whole ``torch.save`` file (its zip format): a truncated
+    or foreign file is refused in one line before any work, not by a pickle traceback mid-run."""
+    if not zipfile.is_zipfile(Path(path).expanduser()):
+        raise ValueError(f"{key}={str(path)!r} is not a whole checkpoint (torch.save's zip format); a truncated "
+                         f"or foreign file? {hint}")
+
+
 def check_run_config(cfg: DictConfig) -> None:
     """Refuse, naming the key, values of the run's own keys that would fail late or be misread: ``seed``
     (int or null), ``train`` / ``test`` (booleans), ``ckpt_path`` (a whole checkpoint file), and the
@@ -179,9 +232,8 @@ def check_run_config(cfg: DictConfig) -> None:
         if not isinstance(cfg.get(key, True), bool):
             raise ValueError(f"{key} must be true or false, got {cfg.get(key)!r}")
     ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path is not None and not zipfile.is_zipfile(Path(ckpt_path).expanduser()):
-        raise ValueError(f"ckpt_path={str(ckpt_path)!r} is not a whole checkpoint (torch.save's zip format); "
-                         "a truncated or foreign file? resume from <run>/checkpoints/last.ckpt")
+    if ckpt_path is not None:
+        check_whole_checkpoint(ckpt_path, "ckpt_path", "resume from <run>/checkpoints/last.ckpt")
     trainer = cfg.get("trainer") or {}
     for key, minimum in TRAINER_INTS.items():
         value = trainer.get(key)
@@ -291,6 +343,32 @@ def floats(metrics: dict[str, Any]) -> dict[str, float]:
     return {key: float(value) for key, value in metrics.items()}
 
 
+def check_optimized_metric(name: str | None, module: Any, trainer: Any, test: bool) -> None:
+    """Before training (a sweep's first trial, not after it): ``optimized_metric`` names a metric this run
+    will log: a ``val/`` or ``test/`` metric of the method, from a run that validates at least once
+    (``trainer.limit_val_batches`` > 0, ``val_check_interval`` steps within ``max_steps``) or tests."""
+    if not name:
+        return
+    stage, _, metric = str(name).partition("/")
+    logged = getattr(module, "eval_metrics", {})
+    if stage in ("val", "test") and stage in logged and metric not in logged[stage]:
+        raise ValueError(f"optimized_metric={name!r} is not a metric of the method: it logs "
+                         f"{sorted(f'{stage}/{m}' for m in logged[stage])}")
+    if stage == "test" and not test:
+        raise ValueError(f"optimized_metric={name!r} is a test metric but test=false: set test=true or choose a "
+                         "val/ metric")
+    if stage != "val":
+        return
+    if trainer.limit_val_batches == 0:
+        raise ValueError(f"optimized_metric={name!r} needs a validation but trainer.limit_val_batches=0")
+    interval, max_steps = trainer.val_check_interval, trainer.max_steps
+    if (trainer.check_val_every_n_epoch is None and isinstance(interval, int) and max_steps is not None
+            and 0 <= max_steps < interval):
+        raise ValueError(f"optimized_metric={name!r} is never logged: the run validates every {interval} steps "
+                         f"(trainer.val_check_interval) but trains {max_steps} (trainer.max_steps); set "
+                         f"trainer.val_check_interval={max_steps} or fewer")
+
+
 def metric_value(metrics: dict[str, float], name: str | None) -> float | None:
     """``metrics[name]`` for a sweeper (``None`` when no metric is asked for); a clear error if absent."""
     if not name:
@@ -311,8 +389,7 @@ def _choices() -> dict[str, str]:
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Entry point of ``mma-train`` (Hydra's command line): :func:`train`, then ``cfg.optimized_metric``."""
-    metrics = run_reporting_errors(lambda: train(cfg))
-    return metric_value(metrics, cfg.get("optimized_metric"))
+    return run_reporting_errors(lambda: metric_value(train(cfg), cfg.get("optimized_metric")))
 
 
 if __name__ == "__main__":

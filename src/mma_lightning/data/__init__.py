@@ -1,7 +1,7 @@
 """Data for MMA training: datamodules whose loaders yield ``(x, y, index)``.
 
 ``x`` is float in [0, 1] (normalisation lives in the model), ``y`` int64, ``index`` int64 = position of the
-sample in its split (train: ``0 .. num_train_samples - 1``), which keys MMA's per-sample eps table.
+sample in its split (train: ``0 .. num_train_samples - 1``), which keys MMA's per-sample eps table. :func:`with_index` adapts any ``(x, y)`` LightningDataModule.
 """
 
 from mma_lightning.data.indexed import (
@@ -24,6 +24,7 @@ from mma_lightning.data.vision import (
     VisionDataModule,
     read_idx,
 )
+from mma_lightning.data.with_index import WithIndexDataModule, with_index
 
 __all__ = [
     "CIFAR10DataModule",
@@ -37,6 +38,7 @@ __all__ = [
     "SVHNDataModule",
     "TensorDataModule",
     "VisionDataModule",
+    "WithIndexDataModule",
     "check_positive",
     "load_mnist5k",
     "mnist5k_datamodule",
@@ -44,4 +46,5 @@ __all__ = [
     "per_device_batch_size",
     "read_idx",
     "seeded_split",
+    "with_index",
 ]

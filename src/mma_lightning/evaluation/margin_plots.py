@@ -18,6 +18,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from matplotlib.figure import Figure  # no pyplot: no display or global figure state needed
+from matplotlib.patches import Patch
 from torch import Tensor
 
 from mma_lightning.evaluation.atomic import write_atomically
@@ -66,10 +67,12 @@ class MarginPlotsLogic(CallbackHost):
         self._margins = []
         store = getattr(pl_module, "eps_store", None)
         table = store.eps.detach().float().cpu() if store is not None and len(store) else None
+        seen = getattr(store, "seen", None) if table is not None else None
+        seen = seen.detach().cpu() if seen is not None else None
         if not trainer.is_global_zero:
             return
         hparams = getattr(pl_module, "hparams", {})
-        fig = margin_distributions_figure(margins, table, bins=self.bins,
+        fig = margin_distributions_figure(margins, table, bins=self.bins, seen=seen,
                                           eval_eps=hparams.get("eval_eps"),
                                           margin_max=getattr(pl_module, "eval_max_eps", None),
                                           table_max=hparams.get("max_eps"), step=trainer.global_step)
@@ -78,7 +81,9 @@ class MarginPlotsLogic(CallbackHost):
             writer = board.experiment  # type: ignore[attr-defined]
             writer.add_histogram(f"{self.tag}/val", margins, global_step=trainer.global_step)
             if table is not None:
-                writer.add_histogram(f"{self.tag}/eps_table", table, global_step=trainer.global_step)
+                visited = table if seen is None else table[seen]
+                if visited.numel():
+                    writer.add_histogram(f"{self.tag}/eps_table", visited, global_step=trainer.global_step)
             writer.add_figure(f"{self.tag}/distributions", fig, global_step=trainer.global_step, close=False)
         if self.png:
             callback = trainer.checkpoint_callback
@@ -90,30 +95,53 @@ class MarginPlotsLogic(CallbackHost):
 
 def margin_distributions_figure(margins: Tensor, table: Tensor | None, *, bins: int = 30,
                                 eval_eps: float | None = None, margin_max: float | None = None,
-                                table_max: float | None = None, step: int | None = None) -> Figure:
-    """Histograms of the validation margin estimates and (when given) of MMA's eps table, side by side."""
+                                table_max: float | None = None, step: int | None = None,
+                                seen: Tensor | None = None) -> Figure:
+    """Histograms of the validation margin estimates and (when given) of MMA's eps table, side by side.
+
+    The table panel draws the samples visited so far (``seen``; all when ``None``): early in training most
+    entries are unvisited zeros. Each panel names its two spikes: at 0 the misclassified samples (margin 0:
+    the reference stores 0 for a wrong sample), at the top the samples whose search found no boundary below
+    its cap (the validation search's ``margin_max``; the training search's ``1.05 * max_eps``)."""
     panels = 2 if table is not None else 1
-    fig = Figure(figsize=(5.0 * panels, 3.6), layout="constrained")
+    fig = Figure(figsize=(5.5 * panels, 3.8), layout="constrained")
     axes = fig.subplots(1, panels, squeeze=False)[0]
     ax = axes[0]
     values = margins.numpy()
-    top = float(margin_max) if margin_max else max(float(values.max(initial=0.0)), 1e-12)
+    top = max(float(margin_max or 0.0), float(values.max(initial=0.0)), 1e-12)
     ax.hist(values, bins=np.linspace(0.0, top, bins + 1), color="tab:blue")
     if eval_eps is not None:
         ax.axvline(eval_eps, color="black", linestyle="--", label=f"eval eps {eval_eps:.4g}")
-        ax.legend(loc="upper right", fontsize="small")
+    _name_spikes(ax, values, top, capped=margin_max is not None)
     ax.set(title=f"validation margins (n={values.size}, mean {values.mean():.4g})", xlabel="margin estimate",
            ylabel="samples")
     if table is not None:
         ax = axes[1]
-        eps = table.numpy()
-        top = float(table_max) if table_max else max(float(eps.max(initial=0.0)), 1e-12)
+        eps = (table if seen is None else table[seen]).numpy()
+        top = max(float(table_max or 0.0), float(eps.max(initial=0.0)), 1e-12)
         ax.hist(eps, bins=np.linspace(0.0, top, bins + 1), color="tab:orange")
-        ax.set(title=f"MMA eps table (n={eps.size}, mean {eps.mean():.4g})", xlabel="training eps",
-               ylabel="samples")
+        _name_spikes(ax, eps, top, capped=True)
+        visited = f"{eps.size} of {table.numel()} seen" if seen is not None else f"n={eps.size}"
+        mean = f", mean {eps.mean():.4g}" if eps.size else ""
+        ax.set(title=f"MMA eps table ({visited}{mean})", xlabel="training eps", ylabel="samples")
     if step is not None:
         fig.suptitle(f"step {step}")
     return fig
+
+
+def _name_spikes(ax: Any, values: np.ndarray, top: float, capped: bool) -> None:
+    """A legend naming the spike at 0 (misclassified) and, for a capped search, the one at the cap."""
+    handles, labels = ax.get_legend_handles_labels()
+    at_zero = int((values <= 0).sum())
+    if at_zero:
+        handles.append(Patch(color="none"))
+        labels.append(f"at 0: {at_zero} misclassified")
+    at_cap = int((values >= top * (1 - 1e-6)).sum()) if capped else 0
+    if at_cap:
+        handles.append(Patch(color="none"))
+        labels.append(f"at {top:.3g}: {at_cap} with no boundary below the search cap")
+    if handles:
+        ax.legend(handles, labels, loc="upper center", fontsize="x-small")
 
 
 def _save_png(fig: Figure, path: Path) -> Path:

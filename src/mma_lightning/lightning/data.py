@@ -1,7 +1,8 @@
 """The datamodules of :mod:`mma_lightning.data` as ``lightning.pytorch`` LightningDataModules.
 
 The namespace-free names (datasets, helpers, the offline MNIST loader) are re-exported unchanged;
-:func:`mnist5k_datamodule` returns this namespace's :class:`TensorDataModule`.
+:func:`mnist5k_datamodule` returns this namespace's :class:`TensorDataModule`; :func:`with_index` returns a
+:class:`WithIndexDataModule` of the namespace of the datamodule it wraps.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from mma_lightning.data.vision import (
     SVHNDataModuleLogic,
     VisionDataModuleLogic,
 )
+from mma_lightning.data.with_index import WithIndexDataModuleLogic
 
 __all__ = list(_default_all)
 
@@ -62,6 +64,11 @@ class SVHNDataModule(SVHNDataModuleLogic, VisionDataModule):
 
 class ImageFolderDataModule(ImageFolderDataModuleLogic, VisionDataModule):
     """:class:`~mma_lightning.data.vision.ImageFolderDataModuleLogic` on ``lightning.pytorch``."""
+
+
+class WithIndexDataModule(WithIndexDataModuleLogic, L.LightningDataModule):
+    """:class:`~mma_lightning.data.with_index.WithIndexDataModuleLogic` on ``lightning.pytorch`` (what
+    :func:`~mma_lightning.data.with_index.with_index` returns for a ``lightning.pytorch`` datamodule)."""
 
 
 def mnist5k_datamodule(val_size: int = 1000, batch_size: int = 50, seed: int = 0,

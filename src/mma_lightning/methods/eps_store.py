@@ -16,13 +16,19 @@ from torch import Tensor, nn
 
 
 class EpsStore(nn.Module):
-    """A table of ``num_samples`` eps values, 0 meaning "no margin known" (the sample restarts at ``min_eps``)."""
+    """A table of ``num_samples`` eps values, 0 meaning "no margin known" (the sample restarts at ``min_eps``).
+
+    ``seen`` marks the samples visited at least once (an unvisited sample and a misclassified one both hold 0;
+    the margin plots draw the visited ones only).
+    """
 
     eps: Tensor
+    seen: Tensor
 
     def __init__(self, num_samples: int = 0) -> None:
         super().__init__()
         self.register_buffer("eps", torch.zeros(num_samples))
+        self.register_buffer("seen", torch.zeros(num_samples, dtype=torch.bool))
 
     def __len__(self) -> int:
         return self.eps.shape[0]
@@ -33,12 +39,15 @@ class EpsStore(nn.Module):
             raise ValueError(f"num_samples must be >= 0, got {num_samples}")
         if num_samples != len(self):
             self.eps = torch.zeros(num_samples, dtype=self.eps.dtype, device=self.eps.device)
+            self.seen = torch.zeros(num_samples, dtype=torch.bool, device=self.seen.device)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         """Take the size of the incoming table (checkpoint, resume, ``ddp_spawn``'s return) before loading it."""
         saved = state_dict.get(prefix + "eps")
         if saved is not None:
             self.resize(saved.shape[0])
+            if prefix + "seen" not in state_dict:  # a checkpoint from before ``seen``: the non-zero entries
+                state_dict[prefix + "seen"] = saved > 0
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def check_index(self, index: Tensor) -> None:
@@ -57,3 +66,4 @@ class EpsStore(nn.Module):
         their maximum: order-independent, so every rank holding the same gathered updates ends identical."""
         self.eps.scatter_reduce_(0, index.reshape(-1).long(), eps.detach().reshape(-1).to(self.eps.dtype),
                                  reduce="amax", include_self=False)
+        self.seen.index_fill_(0, index.reshape(-1).long(), True)

@@ -129,8 +129,9 @@ class MMAModuleLogic(AdversarialModuleLogic):
         """Before the step (eagerly): each sample's starting eps from the eps table, ``max(min_eps, stored)``
         (reference step 3a), and AN-PGD's random start drawn from the module's generator."""
         if index is None:
-            raise ValueError("MMAModule needs training batches (x, y, index): wrap the dataset in "
-                             "mma_lightning.data.IndexedDataset so each sample carries its dataset index")
+            raise ValueError("MMAModule needs training batches (x, y, index) (each sample's index keys its eps): "
+                             "wrap an (x, y) datamodule as mma_lightning.data.with_index(datamodule), or a "
+                             "dataset in mma_lightning.data.IndexedDataset")
         if len(self.eps_store) == 0:
             raise ValueError("the eps table is empty: pass num_train_samples=... or train through a Trainer "
                              "(it is sized from the training data in on_train_start)")

@@ -142,7 +142,7 @@ class PackedLauncher(Launcher):
         cfgs = [ret.return_value for ret in prepared]
         pack_dir = sweep_dir / ("pack-" + "-".join(str(idx) for idx, _, _ in pack))
         try:
-            metrics = run_reporting_errors(lambda: train_pack(cfgs, pack_dir))
+            metrics = run_reporting_errors(lambda: train_pack(cfgs, pack_dir), remove_run_dir=False)
             values = [metric_value(m, cfg.get("optimized_metric")) for m, cfg in zip(metrics, cfgs)]
             status = JobStatus.COMPLETED
         except Exception as err:  # noqa: BLE001 - every job of the pack fails with it, as a job failure in Hydra

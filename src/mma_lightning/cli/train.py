@@ -165,14 +165,18 @@ def limit_test_to_training(budget: str | None, trainer: pl.Trainer, datamodule: 
 
 def run_summary(run_dir: Path, trainer: pl.Trainer) -> str:
     """What a run leaves behind: its directory, best and last checkpoint, and how to evaluate it."""
-    best, last = best_checkpoint(trainer), last_checkpoint(trainer)
+    return "run finished\n" + summary_lines(run_dir, best_checkpoint(trainer), last_checkpoint(trainer))
+
+
+def summary_lines(run_dir: Path, best: str | None, last: str | None) -> str:
+    """A run's directory, best and last checkpoint and the ``mma-eval`` commands for it (a packed run's too)."""
     target = best or last
     lines = [f"run directory:   {run_dir}  (config.yaml, logs)",
              f"best checkpoint: {best or '-'}", f"last checkpoint: {last or '-'}"]
     if target is not None:
         lines += [f"evaluate it:     mma-eval ckpt_path={target}",
                   f"  quick check:   mma-eval ckpt_path={target} evaluation=fast"]
-    return "run finished\n" + "\n".join(lines)
+    return "\n".join(lines)
 
 
 # Trainer settings mma-train's presets set, with the integers Lightning would only reject mid-setup.

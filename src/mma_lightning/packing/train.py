@@ -32,6 +32,7 @@ from mma_lightning.cli.train import (
     limit_test_to_training,
     save_resolved_config,
     set_matmul_precision,
+    summary_lines,
 )
 from mma_lightning.namespaces import lightning_types
 from mma_lightning.packing.checkpoint import RunCheckpoint
@@ -185,12 +186,7 @@ def _run_metrics(metrics: dict[str, Any], name: str) -> dict[str, float]:
 
 
 def _summary(run_dir: Path, checkpoints: Sequence[RunCheckpoint], i: int) -> str:
-    """A run's end-of-run summary, as :func:`mma_lightning.cli.train.run_summary` writes a separate run's."""
-    own = [c for c in checkpoints if c.run == i]
-    best = own[0].best_model_path if own and own[0].best_model_path else None
-    last = own[0].last_model_path if own and own[0].last_model_path else None
-    lines = [f"run directory:   {run_dir}  (config.yaml, logs)", f"best checkpoint: {best or '-'}",
-             f"last checkpoint: {last or '-'}"]
-    if best or last:
-        lines.append(f"evaluate it:     mma-eval ckpt_path={best or last}")
-    return "\n".join(lines)
+    """Run ``i``'s end-of-run summary, as a separate run's (:func:`mma_lightning.cli.train.summary_lines`)."""
+    own = next((c for c in checkpoints if c.run == i), None)
+    return summary_lines(run_dir, (own.best_model_path or None) if own else None,
+                         (own.last_model_path or None) if own else None)

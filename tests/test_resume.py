@@ -16,11 +16,9 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DistributedSampler
 
-from mma_lightning import MMAModule, PGDATModule
 from mma_lightning.data import TensorDataModule
 from mma_lightning.data.resumable import ResumableDataLoader, ResumableSampler
 from mma_lightning.methods.random_state import CHECKPOINT_KEY, RandomStreams

@@ -59,10 +59,10 @@ def fit(steps: int, root: Path, ckpt_path: str | None = None, method: str = "mma
     if save_every is not None:
         callbacks.append(lightning.callbacks.ModelCheckpoint(dirpath=root, every_n_train_steps=save_every,
                                                              save_top_k=-1, filename="{step}"))
-    trainer = lightning.Trainer(accelerator="cpu", devices=1, max_steps=steps, max_epochs=-1, deterministic=True,
-                                logger=False, enable_checkpointing=save_every is not None, callbacks=callbacks,
+    trainer = lightning.Trainer(accelerator="cpu", devices=1, deterministic=True, logger=False,
+                                enable_checkpointing=save_every is not None, callbacks=callbacks,
                                 enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=1,
-                                default_root_dir=root, **trainer_kwargs)
+                                default_root_dir=root, **{"max_steps": steps, "max_epochs": -1, **trainer_kwargs})
     lightning.seed_everything(0)
     trainer.fit(m, datamodule=data(namespace), ckpt_path=ckpt_path)
     if save_after:
@@ -144,6 +144,15 @@ def test_checkpoint_saved_after_fit_resumes_exactly(tmp_path: Path, stop: int, n
     assert optimizer_diff(straight, resumed) == 0.0
     if method == "mma":
         assert bool((resumed.eps_store.eps > 0).any())
+
+
+def test_checkpoint_saved_after_a_max_epochs_fit_resumes_exactly(tmp_path: Path,
+                                                                 straight: pl.LightningModule) -> None:
+    """The same after a fit ended by ``max_epochs`` (one epoch, then on to two)."""
+    fit(-1, tmp_path, save_after=True, max_epochs=1)
+    resumed = fit(-1, tmp_path / "resumed", ckpt_path=str(tmp_path / "after_fit.ckpt"), max_epochs=2)
+    assert resumed.trainer.global_step == 2 * STEPS_PER_EPOCH
+    assert max_diff(straight, resumed) == 0.0 and optimizer_diff(straight, resumed) == 0.0
 
 
 def test_checkpoint_after_fit_ended_by_an_early_stop_warns(tmp_path: Path,

@@ -231,10 +231,10 @@ def reference_probes(
 def reference_description(reference: str, nb_iter: int, restarts: int, protocol_fraction: float) -> str:
     """The reference attack in words, for the report."""
     if reference == "apgd":
-        return f"APGD-CE + APGD-DLR (torchattacks), {nb_iter} steps, {restarts} restart(s) each"
+        return f"APGD-CE + APGD-DLR (torchattacks), {nb_iter} steps, {restarts} restart{'s' if restarts > 1 else ''} each"
     step = fit_step_fraction(nb_iter, protocol_fraction)
-    return (f"PGD, {nb_iter} steps of {step:.4g}·eps, {restarts} random restart(s) for each of "
-            f"{' and '.join(LOSSES).upper()}")
+    return (f"PGD, {nb_iter} steps of {step:.4g}·eps, {restarts} random restart{'s' if restarts > 1 else ''} "
+            f"with each of {' and '.join(loss.upper() for loss in LOSSES)}")
 
 
 def check_reference_agrees(probes: Sequence[ReferenceProbe], description: str,

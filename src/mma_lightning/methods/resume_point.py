@@ -15,7 +15,7 @@ the random streams, which is what a ``ModelCheckpoint`` at that step would write
 (non-plateau ones step before ``on_train_batch_end``) and MMA's eps table do not change after the last step, so
 the checkpoint is then the one written during training, and resumes bitwise.
 
-A run that ended elsewhere (``EarlyStopping`` after a mid-epoch validation, an exception) has no such point:
+A run that ended elsewhere (``EarlyStopping`` after a mid-epoch validation) has no such point:
 its after-``fit`` checkpoint is marked, and both saving and resuming it warn (:data:`INEXACT_MESSAGE`).
 """
 
@@ -32,8 +32,8 @@ EXACT_CHECKPOINTS = ("checkpoints written during training (ModelCheckpoint, last
                      "trainer.save_checkpoint after a fit that ended at max_steps, max_epochs, or a stop "
                      "requested during a training step (trainer.should_stop, Timer) resume exactly")
 INEXACT_MESSAGE = ("this checkpoint was saved after fit returned at step {step}, which was not the end of a "
-                   "training step that could close the run (e.g. EarlyStopping after a mid-epoch validation, "
-                   "or fit ended by an exception): Lightning resumes it at the start of the next epoch, so the "
+                   "training step that could close the run (e.g. EarlyStopping after a mid-epoch validation): "
+                   "Lightning resumes it at the start of the next epoch, so the "
                    "resumed run is not bitwise the uninterrupted one. " + EXACT_CHECKPOINTS)
 
 

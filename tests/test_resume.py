@@ -1,5 +1,6 @@
 """Exact resume: a run stopped at a checkpoint and resumed equals the uninterrupted run bitwise on CPU
-(weights, MMA eps table, optimiser), from an epoch boundary and from mid-epoch (issue 10, item 1).
+(weights, MMA eps table, optimiser), from an epoch boundary and from mid-epoch (issue 10, item 1), also from a
+checkpoint saved by ``trainer.save_checkpoint`` after ``fit`` returned (issue 18, item 3).
 
 The model has dropout (the global torch stream), MMA's AN-PGD starts at random (the module's attack
 generator) and the data are shuffled (the resumable sampler); validation and its sanity check run too.
@@ -7,53 +8,65 @@ generator) and the data are shuffled (the resumable sampler); validation and its
 
 from __future__ import annotations
 
+import importlib
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DistributedSampler
 
-from mma_lightning import MMAModule, PGDATModule
 from mma_lightning.data import TensorDataModule
 from mma_lightning.data.resumable import ResumableDataLoader, ResumableSampler
 from mma_lightning.methods.random_state import CHECKPOINT_KEY, RandomStreams
+from mma_lightning.methods.resume_point import INEXACT_KEY
 
 STEPS_PER_EPOCH = 6  # 120 training samples, batch 20
+NAMESPACES = {"pytorch_lightning": ("pytorch_lightning", "mma_lightning", "mma_lightning.data"),
+              "lightning": ("lightning.pytorch", "mma_lightning.lightning", "mma_lightning.lightning.data")}
 
 
-def data() -> TensorDataModule:
+def data(namespace: str = "pytorch_lightning") -> TensorDataModule:
     g = torch.Generator().manual_seed(3)
     y = torch.arange(140) % 3
     x = (0.5 + 0.25 * (y.view(-1, 1, 1, 1).float() - 1) + 0.15 * torch.randn(140, 1, 4, 4, generator=g))
-    return TensorDataModule(x.clamp(0, 1), y, val_size=20, batch_size=20, seed=7)
+    datamodule = importlib.import_module(NAMESPACES[namespace][2]).TensorDataModule
+    return datamodule(x.clamp(0, 1), y, val_size=20, batch_size=20, seed=7)
 
 
-def module(method: str = "mma") -> pl.LightningModule:
+def module(method: str = "mma", namespace: str = "pytorch_lightning") -> pl.LightningModule:
     pl.seed_everything(0)
     net = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 3))
     common = dict(norm="linf", eval_eps=0.05, eval_nb_iter=2, eval_search_steps=2,
                   optimizer=partial(torch.optim.Adam, lr=1e-2))
+    methods = importlib.import_module(NAMESPACES[namespace][1])
     if method == "pgd_at":
-        return PGDATModule(net, eps=0.1, nb_iter=2, **common)
-    return MMAModule(net, max_eps=0.2, min_eps=0.02, nb_iter=2, search_steps=3, **common)
+        return methods.PGDATModule(net, eps=0.1, nb_iter=2, **common)
+    return methods.MMAModule(net, max_eps=0.2, min_eps=0.02, nb_iter=2, search_steps=3, **common)
 
 
 def fit(steps: int, root: Path, ckpt_path: str | None = None, method: str = "mma",
-        save_every: int | None = None) -> pl.LightningModule:
-    """Fit ``steps`` optimiser steps (from ``ckpt_path`` if given); checkpoints every ``save_every`` steps."""
-    m = module(method)
-    callbacks = [] if save_every is None else [ModelCheckpoint(dirpath=root, every_n_train_steps=save_every,
-                                                               save_top_k=-1, filename="{step}")]
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, max_epochs=-1, deterministic=True,
-                         logger=False, enable_checkpointing=bool(callbacks), callbacks=callbacks,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=1,
-                         default_root_dir=root)
-    pl.seed_everything(0)
-    trainer.fit(m, datamodule=data(), ckpt_path=ckpt_path)
+        save_every: int | None = None, namespace: str = "pytorch_lightning", save_after: bool = False,
+        callbacks: list[Any] | None = None, **trainer_kwargs: Any) -> pl.LightningModule:
+    """Fit ``steps`` optimiser steps (from ``ckpt_path`` if given); checkpoints every ``save_every`` steps, and
+    with ``save_after`` once ``fit`` has returned (``trainer.save_checkpoint(root / "after_fit.ckpt")``)."""
+    lightning = importlib.import_module(NAMESPACES[namespace][0])
+    m = module(method, namespace)
+    callbacks = list(callbacks or [])
+    if save_every is not None:
+        callbacks.append(lightning.callbacks.ModelCheckpoint(dirpath=root, every_n_train_steps=save_every,
+                                                             save_top_k=-1, filename="{step}"))
+    trainer = lightning.Trainer(accelerator="cpu", devices=1, deterministic=True, logger=False,
+                                enable_checkpointing=save_every is not None, callbacks=callbacks,
+                                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=1,
+                                default_root_dir=root, **{"max_steps": steps, "max_epochs": -1, **trainer_kwargs})
+    lightning.seed_everything(0)
+    trainer.fit(m, datamodule=data(namespace), ckpt_path=ckpt_path)
+    if save_after:
+        trainer.save_checkpoint(root / "after_fit.ckpt")
     return m
 
 
@@ -62,6 +75,13 @@ def max_diff(a: pl.LightningModule, b: pl.LightningModule) -> float:
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
     return max(float((sa[k].double() - sb[k].double()).abs().max()) for k in sa if sa[k].numel())
+
+
+def optimizer_diff(a: pl.LightningModule, b: pl.LightningModule) -> float:
+    """Largest absolute difference over the optimisers' states (Adam's moments and step counts)."""
+    sa, sb = a.trainer.optimizers[0].state_dict()["state"], b.trainer.optimizers[0].state_dict()["state"]
+    assert sa.keys() == sb.keys() and sa
+    return max(float((sa[p][k].double() - sb[p][k].double()).abs().max()) for p in sa for k in sa[p])
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +109,66 @@ def test_resumed_pgd_at_run_equals_the_uninterrupted_one(tmp_path: Path) -> None
     fit(4, tmp_path / "first", method="pgd_at", save_every=4)
     resumed = fit(8, tmp_path / "resumed", method="pgd_at", ckpt_path=str(tmp_path / "first" / "step=4.ckpt"))
     assert max_diff(straight, resumed) == 0.0
+
+
+@pytest.fixture(scope="module")
+def straight_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], pl.LightningModule]:
+    """The uninterrupted two-epoch runs, per (namespace, method), made on first use."""
+    class Runs(dict):
+        def __missing__(self, key: tuple[str, str]) -> pl.LightningModule:
+            namespace, method = key
+            self[key] = fit(2 * STEPS_PER_EPOCH, tmp_path_factory.mktemp("straight"), method=method,
+                            namespace=namespace)
+            return self[key]
+    return Runs()
+
+
+@pytest.mark.parametrize("method", ["mma", "pgd_at"])
+@pytest.mark.parametrize("namespace", list(NAMESPACES))
+@pytest.mark.parametrize("stop", [STEPS_PER_EPOCH, STEPS_PER_EPOCH + 3], ids=["epoch_boundary", "mid_epoch"])
+def test_checkpoint_saved_after_fit_resumes_exactly(tmp_path: Path, stop: int, namespace: str, method: str,
+                                                    straight_runs: dict[tuple[str, str], pl.LightningModule]
+                                                    ) -> None:
+    """``trainer.fit(max_steps=stop); trainer.save_checkpoint(p)``, then ``fit(ckpt_path=p)`` to a larger
+    ``max_steps``: the same weights, eps table and optimiser state as the uninterrupted run (issue 18: Lightning's
+    closed fit loop made this resume in the next epoch; max |dw| was 0.21 here)."""
+    total = 2 * STEPS_PER_EPOCH
+    fit(stop, tmp_path, method=method, namespace=namespace, save_after=True)
+    ckpt = torch.load(tmp_path / "after_fit.ckpt", weights_only=True)
+    assert ckpt["global_step"] == stop and INEXACT_KEY not in ckpt
+    resumed = fit(total, tmp_path / "resumed", method=method, namespace=namespace,
+                  ckpt_path=str(tmp_path / "after_fit.ckpt"))
+    straight = straight_runs[namespace, method]
+    assert resumed.trainer.global_step == total
+    assert max_diff(straight, resumed) == 0.0  # weights, and MMA's eps table (a buffer)
+    assert optimizer_diff(straight, resumed) == 0.0
+    if method == "mma":
+        assert bool((resumed.eps_store.eps > 0).any())
+
+
+def test_checkpoint_saved_after_a_max_epochs_fit_resumes_exactly(tmp_path: Path,
+                                                                 straight: pl.LightningModule) -> None:
+    """The same after a fit ended by ``max_epochs`` (one epoch, then on to two)."""
+    fit(-1, tmp_path, save_after=True, max_epochs=1)
+    resumed = fit(-1, tmp_path / "resumed", ckpt_path=str(tmp_path / "after_fit.ckpt"), max_epochs=2)
+    assert resumed.trainer.global_step == 2 * STEPS_PER_EPOCH
+    assert max_diff(straight, resumed) == 0.0 and optimizer_diff(straight, resumed) == 0.0
+
+
+def test_checkpoint_after_fit_ended_by_an_early_stop_warns(tmp_path: Path,
+                                                           straight: pl.LightningModule) -> None:
+    """A fit stopped by its mid-epoch validation (as EarlyStopping does) has no step-end state to save: saving
+    after it and resuming from it both warn, naming the checkpoints that resume exactly; the run does drift."""
+    class StopAtValidation(pl.Callback):
+        def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            trainer.should_stop = not trainer.sanity_checking
+
+    with pytest.warns(UserWarning, match="not bitwise the uninterrupted one.*resume exactly"):
+        fit(2 * STEPS_PER_EPOCH, tmp_path, save_after=True, callbacks=[StopAtValidation()], val_check_interval=3)
+    assert INEXACT_KEY in torch.load(tmp_path / "after_fit.ckpt", weights_only=True)
+    with pytest.warns(UserWarning, match="saved after fit returned at step 3"):
+        resumed = fit(2 * STEPS_PER_EPOCH, tmp_path / "resumed", ckpt_path=str(tmp_path / "after_fit.ckpt"))
+    assert max_diff(straight, resumed) > 0
 
 
 def test_resume_without_the_streams_differs(tmp_path: Path, straight: pl.LightningModule) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +44,12 @@ from mma_lightning.evaluation.robustness import (
     check_step_fraction,
     robust_accuracy,
 )
-from mma_lightning.evaluation.sanity import SanityReport, gradient_masking_checks
+from mma_lightning.evaluation.sanity import (
+    MAX_PROBE_RADII,
+    REFERENCES,
+    SanityReport,
+    gradient_masking_checks,
+)
 from mma_lightning.evaluation.sharding import distributed_world
 
 log = logging.getLogger(__name__)
@@ -174,7 +180,7 @@ def check_evaluation_settings(settings: Mapping[str, Any]) -> None:
     if unknown:
         raise ValueError(f"{unknown[0]} is not a setting of evaluate_model; the settings are {allowed}")
     for name in ("nb_iter", "restarts", "margin_nb_iter", "margin_search_steps", "margin_restarts",
-                 "probe_samples", "batch_size"):
+                 "probe_samples", "probe_radii", "batch_size"):
         if name in settings:
             check_positive_int(name, settings[name])
     if "max_samples" in settings:
@@ -194,6 +200,8 @@ def check_evaluation_settings(settings: Mapping[str, Any]) -> None:
             raise ValueError(f"{name} must be true or false, got {settings[name]!r}")
     if "search" in settings and settings["search"] not in SEARCHES:
         raise ValueError(f"search must be one of {list(SEARCHES)}, got {settings['search']!r}")
+    if "probe_reference" in settings and settings["probe_reference"] not in REFERENCES:
+        raise ValueError(f"probe_reference must be one of {list(REFERENCES)}, got {settings['probe_reference']!r}")
     if "autoattack_version" in settings and settings["autoattack_version"] not in AUTOATTACK_VERSIONS:
         raise ValueError(f"autoattack_version must be one of {list(AUTOATTACK_VERSIONS)}, "
                          f"got {settings['autoattack_version']!r}")
@@ -234,6 +242,8 @@ def evaluate_model(
     search: str = "bisection",
     sanity: bool = True,
     probe_samples: int = 256,
+    probe_radii: int = MAX_PROBE_RADII,
+    probe_reference: str = "pgd",
     autoattack: bool = False,
     autoattack_version: str = "standard",
     batch_size: int = 256,
@@ -253,7 +263,9 @@ def evaluate_model(
     Margins are searched over ``[0, margin_max_eps]`` (default twice the largest eps) from every eps of the
     grid, with the same losses (:func:`estimate_margins`, margin search ``search``: ``"bisection"`` or
     ``"refined"``); their summary uses the eps grid as thresholds. ``sanity`` runs
-    :func:`gradient_masking_checks` on the first ``probe_samples`` points. ``autoattack`` needs the optional
+    :func:`gradient_masking_checks` on the first ``probe_samples`` points at up to ``probe_radii`` radii, with the
+    reference attack ``probe_reference`` (``"pgd"``, or ``"apgd"`` with the optional extra); the report gives the
+    probes' time next to the evaluation's (``sanity.settings["evaluation_seconds"]``). ``autoattack`` needs the optional
     extra (``pip install "mma-lightning[autoattack]"``). ``dataset`` names the data (``"mnist"``,
     ``"fashion-mnist"``, ``"cifar10"``, ...): the protocol is ``"paper"`` only when the data, norm, steps and
     step sizes are the paper's (:func:`~mma_lightning.evaluation.protocol.is_paper_protocol`), and ``protocol``
@@ -267,7 +279,7 @@ def evaluate_model(
                                if name not in ("model", "data", "norm", "eps_grid")})
     grid = check_eps_grid(eps_grid)
     losses = check_losses(losses)
-    if autoattack:
+    if autoattack or (sanity and probe_reference == "apgd"):
         load_torchattacks()  # fail before the long PGD run when the extra is missing
     if capture is None:
         capture = model_device(model).type == "cuda"
@@ -293,7 +305,8 @@ def evaluate_model(
         key = {"model": identity["state_sha256"], "data": fingerprint, "norm": norm, "grid": list(grid),
                "batch_size": batch_size}
         everything = {**key, "pgd": pgd_args, "margins": margins and margin_args, "sanity": sanity,
-                      "probe_samples": probe_samples, "autoattack": autoattack and autoattack_version,
+                      "probe_samples": probe_samples, "probe_radii": probe_radii,
+                      "probe_reference": probe_reference, "autoattack": autoattack and autoattack_version,
                       "name": name, "protocol": protocol, "model_info": dict(model_info or {}),
                       "data_info": dict(data_info or {})}
         finished = Path(cache_dir) / f"evaluation-{cache_key(**everything)[:32]}.pt"
@@ -311,10 +324,12 @@ def evaluate_model(
         pgd=len(grid) * passes * (nb_iter + 1),
         margins=(len(margin_args["init_eps"] or [None]) * len(losses) * margin_restarts
                  * (margin_nb_iter + margin_search_steps + 2)) if margins else 0.0,
-        # the probes: 2x the steps, 2x the restarts, and the unbounded eps
-        sanity=passes * ((2 * nb_iter + 1) + 2 * (nb_iter + 1) + (nb_iter + 1)) if sanity else 0.0,
+        # the probes: the reference (1 restart per loss, 100 steps) at up to probe_radii radii, and the base
+        # attack at the unbounded eps
+        sanity=(probe_radii * len(LOSSES) * (PGD_STEPS + 1) + passes * (nb_iter + 1)) if sanity else 0.0,
         probe_samples=probe_samples)
     timer = TimeEstimate(name, cost, num_points, fast=protocol == "fast")
+    start = time.perf_counter()
     pgd = robust_accuracy(model, data, norm, grid, **pgd_args, **common, cache=caches["pgd"],
                           on_first_batch=timer, capture=capture)
     evaluation = ModelEvaluation(
@@ -326,12 +341,15 @@ def evaluate_model(
     if margins:
         evaluation.margins = estimate_margins(model, data, norm, max_eps, **margin_args, **common,
                                               cache=caches["margins"], capture=capture)
-    if sanity:
-        evaluation.sanity = gradient_masking_checks(model, data, pgd, probe_samples=probe_samples,
-                                                    batch_size=batch_size, shard=shard, progress=progress)
     if autoattack:
         evaluation.autoattack = autoattack_accuracy(model, data, norm, grid, version=autoattack_version,
                                                     seed=seed, **common)
+    seconds = time.perf_counter() - start  # the evaluation proper, which the probes are a fraction of
+    if sanity:
+        evaluation.sanity = gradient_masking_checks(model, data, pgd, probe_samples=probe_samples,
+                                                    max_probe_radii=probe_radii, reference=probe_reference, batch_size=batch_size, shard=shard,
+                                                    progress=progress)
+        evaluation.sanity.settings["evaluation_seconds"] = seconds
     if finished is not None and distributed_world()[1] == 0:
         save_atomically(evaluation, finished)
     return evaluation

@@ -280,8 +280,7 @@ def markdown_report(evaluations: Sequence[ModelEvaluation], title: str = "Robust
         rows = [[e.name, f"`{c.name}`", "ok" if c.passed else "**FLAGGED**", f"{100 * c.value:+.1f}",
                  f"{100 * c.threshold:.1f}", c.message] for e, sanity in checked for c in sanity.checks]
         lines += _table(["model", "check", "result", "value (%)", "threshold (%)", "measured"], rows)
-        probes = {f"{e.name}: probes at eps {format_eps(sanity.settings['probe_eps'])} on the first "
-                  f"{sanity.settings['probe_samples']} test points" for e, sanity in checked}
+        probes = {_probe_line(e.name, sanity.settings) for e, sanity in checked}
         lines += ["", *(f"{p}." for p in sorted(probes)), ("A value beyond its threshold flags the whole "
                   "report: the robust accuracy is then likely overestimated."), ""]
     lines += ["## Models and data", ""]
@@ -290,6 +289,17 @@ def markdown_report(evaluations: Sequence[ModelEvaluation], title: str = "Robust
              str(e.data_info.get("samples_sha256", "?"))[:12]] for e in evaluations]
     lines += _table(["model", "class", "parameters", "weights sha256", "test points", "points sha256"], rows)
     return "\n".join(lines) + "\n"
+
+
+def _probe_line(name: str, settings: dict[str, Any]) -> str:
+    """Where the probes ran and what they cost next to the evaluation (both timed)."""
+    radii = ", ".join(format_eps(e) for e in settings.get("probe_radii", []))
+    line = f"{name}: probes at eps {radii} on the first {settings.get('probe_samples')} test points"
+    probe, evaluation = settings.get("probe_seconds"), settings.get("evaluation_seconds")
+    if probe is not None and evaluation:
+        line += (f"; the probes took {probe:.1f} s, {probe / evaluation:.0%} of the evaluation's "
+                 f"{evaluation:.1f} s")
+    return line
 
 
 def _png_bytes(fig: Figure) -> bytes:

@@ -38,6 +38,7 @@ from mma_lightning.attacks.losses import LOSSES
 from mma_lightning.attacks.margin import check_search
 from mma_lightning.attacks.norms import NORM_NAMES
 from mma_lightning.capture import Captured, check_compile_step, pad_batch
+from mma_lightning.methods import resume_point
 from mma_lightning.methods.random_state import CHECKPOINT_KEY as RANDOM_STREAMS_KEY
 from mma_lightning.methods.random_state import RandomStreams
 from mma_lightning.methods.schedules import SCHEDULER_INTERVALS, lightning_scheduler
@@ -192,6 +193,7 @@ class AdversarialModuleLogic(ModuleHost):
         self.scheduler_factory = scheduler
         self.norm = get_norm(norm).name
         self.random_streams = RandomStreams()
+        self._resume_point: resume_point.ResumePoint | None = None
         self.eval_max_eps = float(eval_max_eps if eval_max_eps is not None else self.default_eval_max_eps())
         # nan_strategy="disable": torchmetrics' NaN filter reads the values on the host (a sync per update).
         self.train_stats = nn.ModuleDict({name: MeanMetric(nan_strategy="disable")
@@ -310,13 +312,25 @@ class AdversarialModuleLogic(ModuleHost):
         return self.random_streams.generator(self.device, self.global_rank)
 
     # --- exact resume: every random stream in the checkpoint (methods.random_state) ------------------------
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """At the end of a step that may be ``fit``'s last, record the fit loop's state and the random streams:
+        a checkpoint saved after ``fit`` returns is written from them (:mod:`~mma_lightning.methods.resume_point`)."""
+        if resume_point.may_end_fit(self.trainer):
+            self._resume_point = resume_point.ResumePoint(self.trainer.global_step, self.trainer.fit_loop.state_dict(),
+                                                          self.random_streams.state())
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Add every rank's random streams (attacks, torch, numpy, Python) to the checkpoint."""
-        checkpoint[RANDOM_STREAMS_KEY] = self.random_streams.gathered_state()
+        """Add every rank's random streams (attacks, torch, numpy, Python) to the checkpoint; after ``fit``
+        returned, the loop state and streams of its last step (:func:`resume_point.apply`)."""
+        streams = resume_point.apply(checkpoint, self._trainer, self._resume_point)
+        checkpoint[RANDOM_STREAMS_KEY] = self.random_streams.gathered_state(streams)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Continue this rank's random streams when resuming a fit (loading weights alone changes none)."""
+        """Continue this rank's random streams when resuming a fit (loading weights alone changes none); warn
+        when the checkpoint is one saved after ``fit`` that cannot resume exactly."""
         fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        if fitting:
+            resume_point.warn_if_inexact(checkpoint)
         world_size = self.trainer.world_size if self._trainer is not None else 1
         self.random_streams.restore(checkpoint.get(RANDOM_STREAMS_KEY), self.global_rank, world_size,
                                     restore_global=fitting)

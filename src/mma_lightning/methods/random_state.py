@@ -122,9 +122,10 @@ class RandomStreams:
             _set_global_states(state["global"])
         self._generator, self._pending = None, state.get("attack")
 
-    def gathered_state(self) -> list[dict[str, Any]]:
-        """Every rank's :meth:`state`, in rank order (a collective under DDP: all ranks must call it)."""
-        mine = self.state()
+    def gathered_state(self, mine: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Every rank's :meth:`state` (or ``mine``, a state it recorded earlier), in rank order (a collective
+        under DDP: all ranks must call it)."""
+        mine = self.state() if mine is None else mine
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return [mine]
         states: list[Any] = [None] * dist.get_world_size()

@@ -47,6 +47,7 @@ BUILD_ONLY = [
     ("trainer=multinode", "needs several GPU machines"),
     ("hydra/launcher=slurm", "needs a SLURM cluster"),
     ("hydra/launcher=local", "submitit jobs: run by tests/test_cluster.py (slow)"),
+    ("hydra/launcher=packed", "a packed sweep: run by tests/test_cli.py"),
     ("hparams_search=", "a sweep: run by tests/test_cli.py"),
     ("data=cifar10", "needs the CIFAR10 files (a download)"),
     ("experiment=cifar10", "needs the CIFAR10 files (a download)"),

@@ -142,8 +142,8 @@ class PackedModuleLogic(ModuleHost):
 
     Batches are lists of N batches, one per run (:class:`~mma_lightning.packing.data.PackedDataModule`); the
     validation and test loaders are the runs' own, in run order (dataloader ``i`` is run ``i``'s). Metrics are
-    logged as ``<name>/<metric>`` (``run0/val/avg_eps``, ...); :class:`~mma_lightning.packing.RunCheckpoint` and :class:`~mma_lightning.packing.RunLogger` give each
-    run its own logs and checkpoints.
+    logged as ``<name>/<metric>`` (``run0/val/avg_eps``, ...); :class:`~mma_lightning.packing.RunCheckpoint`
+    and :class:`~mma_lightning.packing.RunLogger` give each run its own checkpoints and logs.
 
     Args:
         runs: the runs' modules, built as for separate runs (same class, norm and architecture; they may differ

@@ -3,24 +3,35 @@
 One training step each (the method's step, ``backward()`` and an Adam step): a single ``MMAModule`` for "one
 run" (a separate run's step), a :class:`~mma_lightning.packing.PackedModule` of N such runs for "N packed" (its
 images per step are N batches). The variants are timed in alternation, ``--reps`` rounds after a warm-up step
-each, and the median step time of each is reported with the images per second and their ratio to one run's:
+each, and the median step time of each is reported with the images per second and their ratio to one run's
+(with the quartiles of the rounds' own ratios, each pack against the one-run step timed next to it).
 Each pack size is timed with both batchings (``--batching``): ``vmap`` (one batched step, the GPU's default)
-and ``loop`` (the runs' steps one after another in one process, the CPU's default). ``N packed / one run`` above 1 means the pack trains its N runs faster than running them one after another
-(that ratio is what ``hydra/launcher=packed`` saves); N x 1 would be perfect scaling (issue 17's GPU target:
-4 packed runs >= 3x the images per second of one run).
+and ``loop`` (the runs' steps one after another in one process, the CPU's default). ``x one run`` above 1
+means the pack trains its N runs faster than running them one after another (that ratio is what
+``hydra/launcher=packed`` saves); N would be perfect scaling (issue 17's GPU target: 4 packed runs >= 3x the
+images per second of one run).
+
+``--sweep N`` times the whole command instead: ``mma-train -m <--overrides> seed=0,...,N-1`` with Hydra's basic
+launcher (the N runs one after another in one process: data, training, validations, test, checkpoints) against
+``hydra/launcher=packed`` (one pack of N), alternated ``--reps`` times, wall-clock medians and their ratio.
 
 Usage::
 
     python benchmarks/packed.py                      # a GPU if there is one: WRN-28-4, batch 128, K = 10
     python benchmarks/packed.py --device cpu         # LeNet5-Madry, batch 50, K = 10 (the quickstart's step)
     python benchmarks/packed.py --model wrn --runs 1,2,4,8 --reps 9 --json out.json
+    python benchmarks/packed.py --sweep 4 --reps 2 --overrides "experiment=quickstart"   # end to end
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -135,10 +146,39 @@ def measure(model: Model, device: torch.device, runs: list[int], batchings: list
     rows = []
     for (n, batching), samples in times.items():
         median = statistics.median(samples)
+        # each round's own ratio (the pack against the one-run step timed next to it): their quartiles say how
+        # much of the median ratio is the machine's noise
+        ratios = sorted(n * t_one / t for t_one, t in zip(times[(1, "-")], samples))
+        low, high = (statistics.quantiles(ratios, n=4)[::2] if len(ratios) > 1 else (ratios[0], ratios[0]))
         rows.append({"runs": n, "batching": batching, "variant": "one run" if n == 1 else f"{n} packed, {batching}",
                      "step_ms": 1000 * median, "images_per_s": n * model.batch / median, "vs_one_run": n * one / median,
-                     "reps": reps})
+                     "round_ratio_q1": low, "round_ratio_q3": high, "reps": reps})
     return rows
+
+
+def sweep(runs: int, overrides: list[str], reps: int, workdir: Path) -> list[dict[str, Any]]:
+    """Wall-clock seconds of ``mma-train -m <overrides> seed=0,...,runs-1`` with the basic launcher and with the
+    packed one (``pack_size=runs``), alternated ``reps`` times; the packed command must say it packed them all."""
+    seeds = "seed=" + ",".join(str(i) for i in range(runs))
+    launchers = {"one after another": ["hydra/launcher=basic"],
+                 "packed": ["hydra/launcher=packed", f"hydra.launcher.pack_size={runs}"]}
+    times: dict[str, list[float]] = {name: [] for name in launchers}
+    for rep in range(reps):
+        for name, launcher in launchers.items():
+            out = workdir / f"{name.replace(' ', '-')}-{rep}"
+            command = [str(Path(sys.executable).parent / "mma-train"), "-m", *overrides, seeds, *launcher,
+                       f"hydra.sweep.dir={out}"]  # the installed command (the launcher packs mma-train's runs)
+            start = time.perf_counter()
+            proc = subprocess.run(command, capture_output=True, text=True, check=False)
+            times[name].append(time.perf_counter() - start)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{' '.join(command)} failed:\n{proc.stderr[-3000:]}")
+            said = proc.stdout + proc.stderr  # Hydra's log goes to stdout
+            if name == "packed" and "packed #0, " + ", ".join(f"#{i}" for i in range(1, runs)) not in said:
+                raise RuntimeError(f"the packed command did not pack its {runs} runs:\n{said[-3000:]}")
+    basic = statistics.median(times["one after another"])
+    return [{"variant": name, "runs": runs, "seconds": statistics.median(t), "all_seconds": t,
+             "vs_one_after_another": basic / statistics.median(t), "reps": reps} for name, t in times.items()]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -152,7 +192,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="the packs' batching (PackedModule(batching=...)); both: each pack size twice")
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--sweep", type=int, default=None, metavar="N",
+                        help="time the command end to end: a sweep of N seeds, basic launcher against packed")
+    parser.add_argument("--overrides", default="experiment=quickstart",
+                        help="the swept command's overrides (with --sweep), one string")
+    parser.add_argument("--workdir", type=Path, default=None, help="the sweeps' directories (with --sweep; "
+                        "default: a temporary folder, removed after)")
     args = parser.parse_args(argv)
+    if args.sweep is not None:
+        if args.sweep < 2 or args.reps < 1:
+            parser.error(f"--sweep must be >= 2 and --reps >= 1, got --sweep {args.sweep} --reps {args.reps}")
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = sweep(args.sweep, shlex.split(args.overrides), args.reps, args.workdir or Path(tmp))
+        report = {"command": f"mma-train -m {args.overrides}", "device": "the command's own", "rows": rows}
+        print(f"mma-train -m {args.overrides} seed=0..{args.sweep - 1}: median of {args.reps} alternated sweeps")
+        for r in rows:
+            print(f"{r['variant']:>18} {r['seconds']:9.1f} s {r['vs_one_after_another']:6.2f}x  "
+                  f"(each: {', '.join(f'{t:.1f}' for t in r['all_seconds'])})")
+        if args.json is not None:
+            args.json.write_text(json.dumps(report, indent=2))
+        return report
     device = torch.device(args.device)
     model = MODELS[args.model or ("wrn" if device.type == "cuda" else "lenet")]
     runs = sorted({1, *(int(n) for n in args.runs.split(","))})
@@ -165,9 +224,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     report = {"model": model.name, "device": name, "torch": torch.__version__, "rows": rows}
     print(f"{model.name} on {name}, median of {args.reps} alternated steps")
-    print(f"{'variant':>18} {'step ms':>9} {'images/s':>9} {'x one run':>10}")
+    print(f"{'variant':>18} {'step ms':>9} {'images/s':>9} {'x one run':>10} {'rounds q1-q3':>13}")
     for r in rows:
-        print(f"{r['variant']:>18} {r['step_ms']:9.1f} {r['images_per_s']:9.1f} {r['vs_one_run']:10.2f}")
+        print(f"{r['variant']:>18} {r['step_ms']:9.1f} {r['images_per_s']:9.1f} {r['vs_one_run']:10.2f} "
+              f"{r['round_ratio_q1']:6.2f}-{r['round_ratio_q3']:.2f}")
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2))
     return report

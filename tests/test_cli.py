@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -373,6 +374,14 @@ def plugin_path(tmp_path: Path) -> list[str]:
     return [str(tmp_path / "plugins")]
 
 
+def run_layout(run: Path) -> set[str]:
+    """The files of a run directory, named without what changes between two runs of one config (a checkpoint's
+    metric value, an event file's time and host)."""
+    names = {p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()}
+    return {re.sub(r"best-.*\.ckpt$", "best-<metric>.ckpt", re.sub(r"events\.out\.tfevents\..*$", "events", n))
+            for n in names}
+
+
 def test_packed_multirun_trains_as_the_basic_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """hydra/launcher=packed with pack_size=3: of 4 runs (2 seeds x 2 radii), 3 train as one pack and the 4th
     alone; each equals the same run launched by the basic launcher (SGD: Adam's first steps turn float noise
@@ -396,3 +405,7 @@ def test_packed_multirun_trains_as_the_basic_one(tmp_path: Path, monkeypatch: py
         rows = read_csv(runs[0] / "csv" / "metrics.csv")
         assert column(rows, "val/avg_eps") and column(rows, "train/loss")  # the run's own logs, unprefixed
         assert list((runs[0] / "checkpoints").glob("best-*.ckpt"))
+        # what it leaves is what it leaves alone: the same files (margin plots, logs, checkpoints, summary), the
+        # same logged columns (learning rate included)
+        assert run_layout(runs[0]) == run_layout(runs[1]), job
+        assert set(rows[0]) == set(read_csv(runs[1] / "csv" / "metrics.csv")[0]), job

@@ -30,12 +30,12 @@ def data(seed: int) -> TensorDataModule:
                             batch_size=20, seed=seed)
 
 
-def module(i: int, method: str = "mma") -> pl.LightningModule:
+def module(i: int, method: str = "mma", **options: Any) -> pl.LightningModule:
     """Run ``i``'s module, built after ``seed_everything(SEEDS[i])`` as a separate run would be."""
     pl.seed_everything(SEEDS[i])
     net = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(16, 3))
     common: dict[str, Any] = dict(norm="linf", eval_eps=0.05, eval_nb_iter=2, eval_search_steps=2,
-                                  optimizer=partial(torch.optim.Adam, lr=LRS[i]))
+                                  optimizer=partial(torch.optim.Adam, lr=LRS[i]), **options)
     if method == "pgd_at":
         return PGDATModule(net, eps=MAX_EPS[i] / 2, nb_iter=2, **common)
     return MMAModule(net, max_eps=MAX_EPS[i], min_eps=0.02, nb_iter=2, search_steps=3, **common)
@@ -146,6 +146,92 @@ def test_each_run_has_its_own_checkpoints_and_logs(tmp_path: Path) -> None:
         assert not any(name.startswith("run") for name in header)
 
 
+class HookLog(pl.Callback):
+    """Records what a run's callback is handed: the module, the trainer's directory, batches and losses."""
+
+    def __init__(self) -> None:
+        self.modules: set[int] = set()
+        self.val_batches: list[int] = []
+        self.train_sizes: list[int] = []
+        self.losses: list[float] = []
+        self.root = ""
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self.root = trainer.default_root_dir
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.modules.add(id(pl_module))
+        self.train_sizes.append(len(batch[0]))
+        self.losses.append(float(outputs["loss"]))
+
+    def on_validation_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int,
+                                dataloader_idx: int = 0) -> None:
+        self.val_batches.append(dataloader_idx)
+
+
+def test_each_run_keeps_its_own_callbacks(tmp_path: Path) -> None:
+    """Margin plots, the LR monitor (with a schedule) and any callback watch their run as if it trained alone:
+    the run's directory holds what the same callbacks leave for a separate run."""
+    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+    from pytorch_lightning.loggers import CSVLogger
+
+    from mma_lightning.evaluation import MarginPlots
+    from mma_lightning.packing import RunCallback, RunCheckpoint, RunLogger
+
+    schedule = dict(scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=4, gamma=0.5))
+
+    def outputs(root: Path) -> tuple[list[str], list[str], list[float]]:
+        files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.suffix != ".ckpt")
+        rows = (root / "csv" / "metrics.csv").read_text().splitlines()
+        lrs = [row.split(",")[rows[0].split(",").index("lr-Adam")] for row in rows[1:]]
+        return files, sorted(rows[0].split(",")), [float(lr) for lr in lrs if lr]
+
+    steps = 8
+    logs = [HookLog() for _ in range(2)]
+    callbacks: list[Any] = []
+    for i in range(2):
+        callbacks += [RunCheckpoint(run=i, dirpath=tmp_path / f"run{i}" / "checkpoints", save_last=True),
+                      RunCallback(MarginPlots(bins=5), run=i), RunCallback(LearningRateMonitor(), run=i),
+                      RunCallback(logs[i], run=i)]
+    loggers = [RunLogger(CSVLogger(tmp_path / f"run{i}", name="csv", version=""), prefix=f"run{i}/")
+               for i in range(2)]
+    runs = [module(i, **schedule) for i in range(2)]
+    pack = PackedModule(runs, seeds=SEEDS[:2])
+    t = trainer(tmp_path, steps=steps, callbacks=callbacks, logger=loggers, enable_checkpointing=True)
+    t.fit(pack, datamodule=PackedDataModule([data(s) for s in SEEDS[:2]]))
+
+    alone = trainer(tmp_path / "alone", steps=steps, logger=CSVLogger(tmp_path / "alone", name="csv", version=""),
+                    callbacks=[ModelCheckpoint(dirpath=tmp_path / "alone" / "checkpoints", save_last=True),
+                               MarginPlots(bins=5), LearningRateMonitor()], enable_checkpointing=True)
+    alone.fit(module(0, **schedule), datamodule=data(SEEDS[0]))
+    files, header, lrs = outputs(tmp_path / "alone")
+    assert any(f.startswith("margins/margins-step") for f in files), files
+    for i in range(2):
+        own_files, own_header, own_lrs = outputs(tmp_path / f"run{i}")
+        assert (own_files, own_header) == (files, header)
+        assert own_lrs == pytest.approx([lr * LRS[i] / LRS[0] for lr in lrs]) and len(lrs) > 0  # its own, scheduled
+        assert logs[i].modules == {id(pack.runs[i])} and logs[i].root == str(tmp_path / f"run{i}")
+        assert logs[i].val_batches == [0]  # its own validation loader (one batch), at the one epoch end
+        assert logs[i].train_sizes == [20] * steps
+    losses = t.callback_metrics
+    assert logs[1].losses[-1] == pytest.approx(float(losses["run1/train/loss"]))
+
+
+def test_a_run_callback_passes_on_every_lightning_hook() -> None:
+    """Every hook of a Lightning callback (both namespaces) reaches the wrapped callback (a new Lightning hook
+    would otherwise be silently dropped in packs)."""
+    from mma_lightning.packing.callbacks import RunCallbackLogic
+
+    for namespace in ("pytorch_lightning", "lightning.pytorch"):
+        base = pytest.importorskip(namespace).Callback
+        hooks = {n for n in vars(base) if n.startswith("on_") or n in ("setup", "teardown")}
+        assert hooks <= set(vars(RunCallbackLogic)), hooks - set(vars(RunCallbackLogic))
+    with pytest.raises(TypeError, match="callback must be a Lightning callback, got int"):
+        RunCallbackLogic(3, run=0)
+    with pytest.raises(ValueError, match="run must be the index of a run of the pack"):
+        RunCallbackLogic(pl.Callback(), run=-1)
+
+
 def test_a_pack_on_lightning_pytorch(tmp_path: Path) -> None:
     L = pytest.importorskip("lightning.pytorch")
     import mma_lightning.lightning as mml
@@ -204,12 +290,15 @@ def test_which_runs_share_a_pack() -> None:
         assert pack_key(compose("experiment=quickstart", apart)) != base, apart
     assert unpackable_reason(compose("experiment=quickstart")) is None
     assert "several devices" in str(unpackable_reason(compose("experiment=quickstart", "trainer.devices=2")))
+    early = ("+callbacks.stop._target_=pytorch_lightning.callbacks.EarlyStopping", "+callbacks.stop.monitor=val/acc")
+    assert "callbacks.stop stops training early" in str(unpackable_reason(compose("experiment=quickstart", *early)))
     with pytest.raises(ValueError, match=r"these runs also differ in \['method.nb_iter'\]"):
         train_pack([compose("experiment=quickstart"), compose("experiment=quickstart", "method.nb_iter=3")],
                    Path("/unused"))
 
 
-def test_the_packing_benchmark_runs_at_a_reduced_size(tmp_path: Path) -> None:
+def packing_benchmark() -> Any:
+    """``benchmarks/packed.py`` as a module."""
     import importlib.util
     import sys
 
@@ -219,8 +308,33 @@ def test_the_packing_benchmark_runs_at_a_reduced_size(tmp_path: Path) -> None:
     benchmark = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = benchmark  # its dataclass looks its module up
     spec.loader.exec_module(benchmark)
+    return benchmark
+
+
+def test_the_packing_benchmark_runs_at_a_reduced_size(tmp_path: Path) -> None:
+    benchmark = packing_benchmark()
     report = benchmark.main(["--device", "cpu", "--model", "tiny", "--runs", "1,2", "--reps", "1",
                              "--json", str(tmp_path / "packed.json")])
     assert [(r["runs"], r["batching"]) for r in report["rows"]] == [(1, "-"), (2, "loop"), (2, "vmap")]
     assert all(r["images_per_s"] > 0 for r in report["rows"]) and report["rows"][0]["vs_one_run"] == 1.0
     assert (tmp_path / "packed.json").is_file()
+
+
+def test_the_packing_benchmark_times_a_sweep_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--sweep 2``: the same tiny sweep with the basic launcher and packed (it checks the runs were packed)."""
+    import os
+    import shlex
+
+    from test_cli import FASHION, TINY, plugin_path
+
+    if not FASHION.is_dir():
+        pytest.skip(f"Fashion-MNIST not in {FASHION}")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(plugin_path(tmp_path) + [os.environ.get("PYTHONPATH", "")]))
+    overrides = shlex.join([*TINY, "trainer.max_steps=2", "test=false"])
+    report = packing_benchmark().main(["--sweep", "2", "--reps", "1", "--overrides", overrides,
+                                       "--workdir", str(tmp_path / "sweeps")])
+    assert [r["variant"] for r in report["rows"]] == ["one after another", "packed"]
+    assert all(r["seconds"] > 0 for r in report["rows"]) and report["rows"][0]["vs_one_after_another"] == 1.0
+    for job in ("0", "1"):
+        assert (tmp_path / "sweeps" / "packed-0" / job / "checkpoints" / "last.ckpt").is_file()
+        assert (tmp_path / "sweeps" / "one-after-another-0" / job / "checkpoints" / "last.ckpt").is_file()

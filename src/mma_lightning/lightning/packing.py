@@ -9,6 +9,7 @@ from lightning.pytorch.loggers import Logger
 
 from mma_lightning.packing import *
 from mma_lightning.packing import __all__ as _default_all
+from mma_lightning.packing.callbacks import RunCallbackLogic
 from mma_lightning.packing.checkpoint import RunCheckpointLogic
 from mma_lightning.packing.data import PackedDataModuleLogic
 from mma_lightning.packing.logger import RunLoggerLogic
@@ -31,3 +32,7 @@ class RunCheckpoint(RunCheckpointLogic, ModelCheckpoint):
 
 class RunLogger(RunLoggerLogic, Logger):
     """:class:`~mma_lightning.packing.logger.RunLoggerLogic` on ``lightning.pytorch``."""
+
+
+class RunCallback(RunCallbackLogic, L.Callback):
+    """:class:`~mma_lightning.packing.callbacks.RunCallbackLogic` on ``lightning.pytorch``."""

@@ -30,6 +30,11 @@ class RunCheckpointLogic(BestAndLastCheckpointLogic):
         super().__init__(**kwargs)
         self.run = run
 
+    @property
+    def state_key(self) -> str:
+        """``ModelCheckpoint``'s key with the run's index: two runs' checkpoints may have the same settings."""
+        return f"{super().state_key}[run={self.run}]"
+
     def _stopped(self, trainer: pl.Trainer) -> bool:
         pack: Any = trainer.lightning_module
         if self.run >= len(pack.runs):

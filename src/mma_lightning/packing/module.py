@@ -287,6 +287,7 @@ class PackedModuleLogic(ModuleHost):
             ys.append(y)
             indices.append(index)
         losses, outputs = self.pack_step(xs, ys, inputs)
+        self.last_losses = losses.detach()  # each run's loss, for its callbacks' batch hooks (RunCallback)
 
         step = torch.full((), self.global_step, dtype=torch.long, device=losses.device)
         finite = torch.isfinite(losses.detach())
@@ -408,13 +409,19 @@ class PackedModuleLogic(ModuleHost):
             else:
                 torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
+    def run_param_groups(self, i: int) -> slice:
+        """Where run ``i``'s parameter groups sit in the merged optimiser's ``param_groups``."""
+        if not self._groups:
+            raise RuntimeError("the pack's optimiser is not configured yet (configure_optimizers)")
+        start = sum(self._groups[:i])
+        return slice(start, start + self._groups[i])
+
     def run_optimizer_state(self, i: int) -> dict[str, Any] | None:
         """Run ``i``'s share of the merged optimiser's state, as its own optimiser's ``state_dict``."""
         if not self._groups or self._trainer is None or not self.trainer.optimizers:
             return None
         full = self.trainer.optimizers[0].state_dict()
-        start = sum(self._groups[:i])
-        groups = full["param_groups"][start:start + self._groups[i]]
+        groups = full["param_groups"][self.run_param_groups(i)]
         ids = [p for g in groups for p in g["params"]]
         renumber = {old: new for new, old in enumerate(ids)}
         return {"state": {renumber[k]: v for k, v in full["state"].items() if k in renumber},

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from mma_lightning.cli.train import (
     summary_lines,
 )
 from mma_lightning.namespaces import lightning_types
+from mma_lightning.packing.callbacks import RunCallback
 from mma_lightning.packing.checkpoint import RunCheckpoint
 from mma_lightning.packing.data import PackedDataModule
 from mma_lightning.packing.logger import RunLogger
@@ -49,9 +50,12 @@ PACKABLE_KEYS = ("seed", "attack.max_eps", "attack.min_eps", "attack.eps", "meth
 """Config keys whose values may differ between the runs of a pack (each run's own: seed, radii, clean-loss
 weight, learning rate, weight decay, and its directories); any other difference keeps runs apart."""
 PACK_CALLBACKS = ("stop_on_signal",)
-"""The training callbacks a pack keeps from its runs' configs (besides each run's checkpoints): the others
-observe one run (margin plots, the robustness callback, the learning-rate monitor) or are the pack's own
-(non-finite losses: a run that goes non-finite stops alone)."""
+"""The callbacks of the runs' configs that act on the whole pack (taken from the first run's config)."""
+REPLACED_CALLBACKS = ("model_checkpoint", "nonfinite")
+"""The callbacks of a run's config that a pack does its own way: each run's checkpoints
+(:class:`~mma_lightning.packing.RunCheckpoint`, from ``model_checkpoint``'s settings) and the non-finite guard (a
+run that goes non-finite stops alone). Every other callback of a run's config watches that run alone
+(:class:`~mma_lightning.packing.RunCallback`: margin plots, the learning-rate monitor, the robustness check)."""
 
 
 def _comparable(cfg: DictConfig) -> dict[str, Any]:
@@ -90,6 +94,9 @@ def unpackable_reason(cfg: DictConfig) -> str | None:
         return "it trains on several devices (a pack trains on one)"
     if not cfg.get("train", True):
         return "train=false (nothing to train)"
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if str((node or {}).get("_target_", "")).endswith("EarlyStopping"):
+            return f"callbacks.{name} stops training early on the run's own metric (a pack's runs train to one end)"
     return None
 
 
@@ -125,6 +132,7 @@ def train_pack(cfgs: Sequence[DictConfig], pack_dir: Path, names: Sequence[str] 
     callbacks: list[Any] = [BestAndLastCheckpoint(dirpath=str(pack_dir / "checkpoints"), save_top_k=0,
                                                   save_last=True)]
     loggers: list[Any] = []
+    progress_bars = lightning_types("callbacks.ProgressBar")
     for i, (cfg, name) in enumerate(zip(cfgs, names)):
         checkpoint = cfg.get("callbacks", {}).get("model_checkpoint")
         if checkpoint is not None:
@@ -138,8 +146,11 @@ def train_pack(cfgs: Sequence[DictConfig], pack_dir: Path, names: Sequence[str] 
             callbacks.append(RunCheckpoint(run=i, **{str(k): v for k, v in options.items()}))
         for logger in instantiate_dict(cfg.get("logger"), "logger"):
             loggers.append(RunLogger(logger, prefix=f"{name}/"))
-    own = instantiate_dict(OmegaConf.create({k: v for k, v in (first.get("callbacks") or {}).items()
-                                             if k in PACK_CALLBACKS}), "callbacks")
+        watching = _callbacks(cfg, lambda key: key not in PACK_CALLBACKS + REPLACED_CALLBACKS)
+        callbacks += [RunCallback(c, run=i) for c in watching if not isinstance(c, progress_bars)]
+    own = _callbacks(first, lambda key: key in PACK_CALLBACKS)
+    own += [c for c in _callbacks(first, lambda key: key not in PACK_CALLBACKS + REPLACED_CALLBACKS)
+            if isinstance(c, progress_bars)]  # a progress bar in the config shows the pack's progress
     trainer: pl.Trainer = instantiate(first.trainer, callbacks=callbacks + own, logger=loggers or False,
                                       default_root_dir=str(pack_dir))
     set_matmul_precision(first.get("float32_matmul_precision"), trainer)
@@ -177,6 +188,12 @@ def train_pack(cfgs: Sequence[DictConfig], pack_dir: Path, names: Sequence[str] 
         log.info(f"pack of {len(cfgs)} runs finished (stopped after a non-finite loss: {stopped}); resume the "
                  f"pack with ckpt_path={resume}\n" + "\n".join(summaries))
     return metrics
+
+
+def _callbacks(cfg: DictConfig, keep: Callable[[str], bool]) -> list[Any]:
+    """The callbacks of ``cfg.callbacks`` whose key ``keep`` accepts, instantiated in order."""
+    node = cfg.get("callbacks") or {}
+    return instantiate_dict(OmegaConf.create({k: v for k, v in node.items() if keep(str(k))}), "callbacks")
 
 
 def _run_metrics(metrics: dict[str, Any], name: str) -> dict[str, float]:

@@ -205,29 +205,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as tmp:
             rows = sweep(args.sweep, shlex.split(args.overrides), args.reps, args.workdir or Path(tmp))
         report = {"command": f"mma-train -m {args.overrides}", "device": "the command's own", "rows": rows}
-        print(f"mma-train -m {args.overrides} seed=0..{args.sweep - 1}: median of {args.reps} alternated sweeps")
-        for r in rows:
-            print(f"{r['variant']:>18} {r['seconds']:9.1f} s {r['vs_one_after_another']:6.2f}x  "
-                  f"(each: {', '.join(f'{t:.1f}' for t in r['all_seconds'])})")
-        if args.json is not None:
-            args.json.write_text(json.dumps(report, indent=2))
-        return report
-    device = torch.device(args.device)
-    model = MODELS[args.model or ("wrn" if device.type == "cuda" else "lenet")]
-    runs = sorted({1, *(int(n) for n in args.runs.split(","))})
-    if args.reps < 1 or runs[0] < 1:
-        parser.error("--reps and every pack size must be >= 1")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # self.log outside a Trainer
-        batchings = ["loop", "vmap"] if args.batching == "both" else [args.batching]
-        rows = measure(model, device, runs, batchings, args.reps)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    report = {"model": model.name, "device": name, "torch": torch.__version__, "rows": rows}
-    print(f"{model.name} on {name}, median of {args.reps} alternated steps")
-    print(f"{'variant':>18} {'step ms':>9} {'images/s':>9} {'x one run':>10} {'rounds q1-q3':>13}")
-    for r in rows:
-        print(f"{r['variant']:>18} {r['step_ms']:9.1f} {r['images_per_s']:9.1f} {r['vs_one_run']:10.2f} "
-              f"{r['round_ratio_q1']:6.2f}-{r['round_ratio_q3']:.2f}")
+        lines = [f"mma-train -m {args.overrides} seed=0..{args.sweep - 1}: median of {args.reps} alternated sweeps"]
+        lines += [f"{r['variant']:>18} {r['seconds']:9.1f} s {r['vs_one_after_another']:6.2f}x  "
+                  f"(each: {', '.join(f'{t:.1f}' for t in r['all_seconds'])})" for r in rows]
+    else:
+        device = torch.device(args.device)
+        model = MODELS[args.model or ("wrn" if device.type == "cuda" else "lenet")]
+        runs = sorted({1, *(int(n) for n in args.runs.split(","))})
+        if args.reps < 1 or runs[0] < 1:
+            parser.error("--reps and every pack size must be >= 1")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # self.log outside a Trainer
+            batchings = ["loop", "vmap"] if args.batching == "both" else [args.batching]
+            rows = measure(model, device, runs, batchings, args.reps)
+        name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                else f"CPU ({torch.get_num_threads()} threads)")
+        report = {"model": model.name, "device": name, "torch": torch.__version__, "rows": rows}
+        lines = [f"{model.name} on {name}, median of {args.reps} alternated steps",
+                 f"{'variant':>18} {'step ms':>9} {'images/s':>9} {'x one run':>10} {'rounds q1-q3':>13}"]
+        lines += [f"{r['variant']:>18} {r['step_ms']:9.1f} {r['images_per_s']:9.1f} {r['vs_one_run']:10.2f} "
+                  f"{r['round_ratio_q1']:6.2f}-{r['round_ratio_q3']:.2f}" for r in rows]
+    print("\n".join(lines))
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2))
     return report

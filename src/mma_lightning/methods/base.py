@@ -37,7 +37,7 @@ from mma_lightning.attacks.context import model_mode
 from mma_lightning.attacks.losses import LOSSES
 from mma_lightning.attacks.margin import check_search
 from mma_lightning.attacks.norms import NORM_NAMES
-from mma_lightning.capture import Captured, check_compile_step, pad_batch
+from mma_lightning.capture import Captured, GraphSettings, check_compile_step, pad_batch
 from mma_lightning.methods import resume_point
 from mma_lightning.methods.random_state import CHECKPOINT_KEY as RANDOM_STREAMS_KEY
 from mma_lightning.methods.random_state import RandomStreams
@@ -113,7 +113,7 @@ class AdversarialModuleLogic(ModuleHost):
             recompiles.
         compile_step: capture the whole training step (clean forward, attacks, margin search, loss) and the
             validation's attack: ``torch.compile(fullgraph=True, dynamic=False)`` of :meth:`step_loss` and
-            :meth:`eval_outputs`, on CUDA with ``mode="reduce-overhead"`` (CUDA graphs;
+            :func:`evaluation_outputs`, on CUDA with ``mode="reduce-overhead"`` (CUDA graphs;
             :mod:`mma_lightning.capture`). ``True``, or a dict of ``torch.compile`` arguments. Outside the graph,
             eagerly: the random draws (from the module's generator, so exact resume holds), the eps table's
             lookup and update, the metrics and logs, and on each stage's first batch the value checks
@@ -203,8 +203,14 @@ class AdversarialModuleLogic(ModuleHost):
                                    for name in ("acc", "robust_acc", "avg_eps", "loss")}) for stage in EVAL_STAGES}
         )
         option = {} if compile_step is True else compile_step  # kept as given: a DictConfig stays picklable
-        self._train_graph = Captured(self._train_graph_fn, option) if compile_step is not False else None
-        self._eval_graph = Captured(self._eval_graph_fn, option) if compile_step is not False else None
+        if isinstance(option, Mapping) and has_dropout(net):  # inductor's own masks would fail the check
+            option = {**option, "exact_random": True}
+        # The method's step_loss (one function per method, shared by every instance: a sweep's trials replay
+        # one graph) and the evaluation's outputs (one function for every method).
+        self._train_graph = (Captured(type(self).step_loss, option, "training step", net_arg=1)
+                             if compile_step is not False else None)
+        self._eval_graph = (Captured(evaluation_outputs, option, "evaluation attack", net_arg=0)
+                            if compile_step is not False else None)
         self._captured_batch: dict[str, int] = {}  # the batch size each stage's graph takes
         self._skip_warned: set[str] = set()
 
@@ -215,6 +221,71 @@ class AdversarialModuleLogic(ModuleHost):
     def forward(self, x: Tensor) -> Tensor:
         """Logits of the backbone."""
         return self.net(x)
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """Logits of ``x`` for ``trainer.predict``: batches ``(x, y)``, ``(x, y, index)``, ``(x,)`` or a bare ``x``
+        (Lightning's default ``predict_step`` would hand the whole tuple to :meth:`forward`)."""
+        x = batch[0] if isinstance(batch, (tuple, list)) and 1 <= len(batch) <= 3 else batch
+        if not isinstance(x, Tensor):
+            raise ValueError("predict batches must be x, (x,), (x, y) or (x, y, index) with x a tensor, got "
+                             f"{type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (tuple, list))
+                                                          else ""))
+        return self(self.as_input(x))
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """Lightning's ``load_from_checkpoint``, with ``net=<your backbone>`` when the class takes ``net``: a
+        checkpoint holds the backbone's weights, not how to build it (``net`` is left out of the hyperparameters),
+        so ``MMAModule.load_from_checkpoint(path, net=Backbone())``."""
+        import inspect
+
+        parameter = inspect.signature(cls).parameters.get("net")
+        if "net" not in kwargs and parameter is not None and parameter.default is inspect.Parameter.empty:
+            raise ValueError(f"{cls.__name__}.load_from_checkpoint needs the backbone: pass net=<your backbone>, "
+                             f"e.g. {cls.__name__}.load_from_checkpoint({str(checkpoint_path)!r}, net=Backbone()) "
+                             "(the checkpoint holds its weights, not how to build it)")
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Warn when a project's subclass derives from this library's ``pytorch_lightning`` class in a process on
+        ``lightning.pytorch`` (:func:`~mma_lightning.namespaces.other_namespace_hint`): LightningCLI and a
+        ``lightning.Trainer`` refuse such a class before any of its code runs."""
+        super().__init_subclass__(**kwargs)
+        if not cls.__module__.startswith("mma_lightning."):
+            hint = other_namespace_hint(cls)
+            if hint is not None:
+                warnings.warn(hint, stacklevel=2)
+
+    def setup(self, stage: str) -> None:
+        """Log every setting to the Trainer's loggers (``hparams.yaml``) as the checkpoint holds them: the
+        hyperparameters as ``__init__`` completed them (LightningCLI passes only the parsed arguments)."""
+        import copy
+
+        self._log_hyperparams = True
+        self._hparams_initial = copy.deepcopy(self._hparams)
+
+    @property
+    def captures(self) -> dict[str, Captured]:
+        """With ``compile_step``, the captured functions by stage (``"train"``, ``"eval"``): each says whether
+        it runs captured or fell back to eager (``state``, ``fallback_reason``) and its first call's time."""
+        graphs = {"train": self._train_graph, "eval": self._eval_graph}
+        return {k: v for k, v in graphs.items() if v is not None}
+
+    def settings(self, x: Tensor | None = None) -> GraphSettings:
+        """The settings a step reads (``hparams`` with the resolved ``norm`` and ``eval_max_eps``); given ``x``
+        (as every step gives it, eager or captured), the swept values as tensors on its device and of its dtype
+        (:class:`GraphSettings`): one computation whether captured or not."""
+        values = {**self.hparams, "norm": self.norm, "eval_max_eps": self.eval_max_eps}
+        return GraphSettings(values) if x is None else GraphSettings.on_device(values, x.device, x.dtype)
+
+    def on_fit_start(self) -> None:
+        """With ``compile_step``, refuse a SyncBatchNorm backbone (``Trainer(sync_batchnorm=True)``): its
+        all-reduce of batch statistics cannot be captured in one graph."""
+        if self._train_graph is not None and any(isinstance(m, nn.SyncBatchNorm) for m in self.net.modules()):
+            raise ValueError("compile_step cannot capture SyncBatchNorm (trainer.sync_batchnorm=true): its "
+                             "all-reduce of batch statistics breaks the captured graph; set "
+                             "trainer.sync_batchnorm=false (each device's own batch statistics) or "
+                             "method.compile_step=false")
 
     # --- training -----------------------------------------------------------------------------------------
     def step_inputs(self, x: Tensor, y: Tensor, index: Tensor | None) -> dict[str, Any]:
@@ -227,8 +298,9 @@ class AdversarialModuleLogic(ModuleHost):
         """The method's training step as a function of tensors: ``(loss, outputs)``, where ``outputs`` holds
         every per-sample statistic of :attr:`train_stat_names` (and whatever :meth:`record_step` needs).
 
-        ``net`` is the backbone and ``hp`` the settings (``self.hparams``). No logging, no table updates, no
-        generator, no host reads: with ``compile_step`` this function is compiled whole (``fullgraph=True``).
+        ``net`` is the backbone and ``hp`` the settings (:meth:`settings`: the swept numbers are tensors). No logging, no table updates, no generator, no host reads, nothing of ``self`` but constant
+        attributes (``self.norm``): with ``compile_step`` this function is compiled whole (``fullgraph=True``),
+        once for every instance of the method.
         """
         raise NotImplementedError
 
@@ -241,11 +313,15 @@ class AdversarialModuleLogic(ModuleHost):
         """The method's scalar training loss for one batch: :meth:`step_inputs`, :meth:`step_loss` (with
         ``compile_step``: through the captured graph, after :meth:`check_batch_values`) and :meth:`record_step`."""
         inputs = self.step_inputs(x, y, index)
+        settings = self.settings(x)
         if self._train_graph is None:
-            loss, outputs = self.step_loss(self.net, self.hparams, x, y, inputs)
+            loss, outputs = self.step_loss(self.net, settings, x, y, inputs)
         else:
             self.check_batch_values(x, y)
-            loss, outputs = self._train_graph(x.device, x, y, inputs)
+            loss, outputs = self._train_graph(
+                x.device, (self, self.net, settings, x, y, inputs),
+                eager=lambda: self.step_loss(self.net, settings, x, y, inputs),
+                restore=self.net, params=[p for p in self.net.parameters() if p.requires_grad])
         self.record_step(index, outputs)
         return loss
 
@@ -258,9 +334,6 @@ class AdversarialModuleLogic(ModuleHost):
         check_batch(x, y)
         with torch.no_grad(), model_mode(self.net, train=False):
             check_labels(y, self.net(x[:1]).shape[1])
-
-    def _train_graph_fn(self, x: Tensor, y: Tensor, inputs: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
-        return self.step_loss(self.net, self.hparams, x, y, inputs)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         """One scalar loss for Lightning's automatic optimisation (lightning-notes 1); ``None`` (the batch is
@@ -365,7 +438,7 @@ class AdversarialModuleLogic(ModuleHost):
             check_in_box(x, hp.clip_min, hp.clip_max, STAGE_NAMES[stage])
             if self._eval_graph is None:
                 noise = get_norm(self.norm).start_noise(x, noise_generator, boxed=hp.clip_min is not None)
-                outputs = self.eval_outputs(self.net, x, y, noise)
+                outputs = evaluation_outputs(self.net, self.settings(x), x, y, noise)
             else:
                 self.check_batch_values(x, y)
                 x, y = pad_batch(x, y, self._captured_batch["eval"])  # copies of row 0, left out below
@@ -373,30 +446,15 @@ class AdversarialModuleLogic(ModuleHost):
                 with torch.inference_mode(False):  # the graph takes normal tensors (attacks.context)
                     x, y = x.clone(), y.clone()
                     noise = tuple(t.clone() for t in noise)
-                    outputs = self._eval_graph(x.device, x, y, noise)
+                    settings = self.settings(x)
+                    outputs = self._eval_graph(
+                        x.device, (self.net, settings, x, y, noise), restore=self.net,
+                        eager=lambda: evaluation_outputs(self.net, settings, x, y, noise))
         metrics = cast(dict[str, MeanMetric], self.eval_metrics[stage])
         for name, metric in metrics.items():
             metric.update(outputs[name][:n])  # the batch's own rows, not the padding
             self.log(f"{stage}/{name}", metric, prog_bar=name != "loss")
         return outputs["avg_eps"][:n].detach()
-
-    def eval_outputs(self, net: nn.Module, x: Tensor, y: Tensor, noise: tuple[Tensor, ...]) -> dict[str, Tensor]:
-        """Per-sample ``acc``, ``robust_acc`` (PGD at ``eval_eps``), ``avg_eps`` (the margin estimate) and
-        ``loss`` (clean CE) of one evaluation batch, as a function of tensors (captured with ``compile_step``);
-        ``noise``: PGD's random start, drawn from the evaluation generator."""
-        hp = self.hparams
-        logits = net(x)
-        res = find_margin(net, x, y, self.norm, init_eps=hp.eval_eps, max_eps=self.eval_max_eps,
-                          nb_iter=hp.eval_nb_iter, search_steps=hp.eval_search_steps, loss=hp.eval_loss,
-                          step_scale=hp.eval_step_scale, clip_min=hp.clip_min, clip_max=hp.clip_max,
-                          clean_logits=logits, search=hp.eval_search, start_noise=noise)
-        # PGD at eval_eps succeeded iff the bisection's bracket ends at or below eval_eps.
-        robust = ~res.success | (res.eps > hp.eval_eps)
-        return {"acc": (logits.argmax(1) == y).float(), "robust_acc": robust.float(), "avg_eps": res.eps,
-                "loss": F.cross_entropy(logits.float(), y, reduction="none")}
-
-    def _eval_graph_fn(self, x: Tensor, y: Tensor, noise: tuple[Tensor, ...]) -> dict[str, Tensor]:
-        return self.eval_outputs(self.net, x, y, noise)
 
     # --- host checks and memory format -------------------------------------------------------------------
     def host_checks_for(self, stage: str) -> AbstractContextManager[None]:
@@ -422,6 +480,28 @@ class AdversarialModuleLogic(ModuleHost):
         config = lightning_scheduler(self.scheduler_factory(optimizer), self.hparams.scheduler_interval,
                                      self.hparams.get("scheduler_monitor"))
         return {"optimizer": optimizer, "lr_scheduler": config}
+
+
+def has_dropout(net: nn.Module) -> bool:
+    """Whether ``net`` holds a dropout layer with ``p > 0`` (its masks come from the global random stream)."""
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in net.modules())
+
+
+def evaluation_outputs(net: nn.Module, hp: Any, x: Tensor, y: Tensor, noise: tuple[Tensor, ...]
+                       ) -> dict[str, Tensor]:
+    """Per-sample ``acc``, ``robust_acc`` (PGD at ``eval_eps``), ``avg_eps`` (the margin estimate) and ``loss``
+    (clean CE) of one evaluation batch (the reference's per-epoch evaluation), as a function of tensors (captured
+    with ``compile_step``, one graph for every method); ``hp``: the module's settings
+    (:meth:`AdversarialModuleLogic.settings`), ``noise``: PGD's random start, drawn from the evaluation generator."""
+    logits = net(x)
+    res = find_margin(net, x, y, hp.norm, init_eps=hp.eval_eps, max_eps=hp.eval_max_eps,
+                      nb_iter=hp.eval_nb_iter, search_steps=hp.eval_search_steps, loss=hp.eval_loss,
+                      step_scale=hp.eval_step_scale, clip_min=hp.clip_min, clip_max=hp.clip_max,
+                      clean_logits=logits, search=hp.eval_search, start_noise=noise)
+    # PGD at eval_eps succeeded iff the bisection's bracket ends at or below eval_eps.
+    robust = ~res.success | (res.eps > hp.eval_eps)
+    return {"acc": (logits.argmax(1) == y).float(), "robust_acc": robust.float(), "avg_eps": res.eps,
+            "loss": F.cross_entropy(logits.float(), y, reduction="none")}
 
 
 def _unpack(batch: Any) -> tuple[Tensor, Tensor, Tensor | None]:

@@ -1,4 +1,4 @@
-"""Several training runs of one method and architecture trained together as one stacked model (issue 17).
+"""Several training runs of one method and architecture trained together as one stacked model.
 
 One MMA run at the paper's batch size leaves a GPU mostly idle (``docs/gpu-measurements.md``: the step is
 launch-bound at batch 128, and batch 512 gives 3.4x the images per second). :class:`PackedModule` trains N runs
@@ -37,7 +37,7 @@ from torch.utils._pytree import tree_map
 
 from mma_lightning.attacks.checks import check_in_box, host_checks
 from mma_lightning.callbacks.nonfinite import NonFiniteError
-from mma_lightning.capture import Captured
+from mma_lightning.capture import Captured, GraphSettings
 from mma_lightning.methods.base import AdversarialModuleLogic, _unpack
 from mma_lightning.methods.random_state import CHECKPOINT_KEY as RANDOM_STREAMS_KEY
 from mma_lightning.methods.schedules import lightning_scheduler
@@ -84,19 +84,6 @@ class RunNet:
     def training(self) -> bool:
         """The template's mode."""
         return self.template.training
-
-
-class RunHparams:
-    """A run's settings inside the vmapped step: those of the first run, with the ones that differ between
-    runs (:data:`PACKABLE_HPARAMS`) replaced by this run's value, a tensor under ``vmap``."""
-
-    def __init__(self, base: Any, values: dict[str, Tensor]) -> None:
-        self.base = base
-        self.values = values
-
-    def __getattr__(self, name: str) -> Any:
-        values = self.__dict__["values"]
-        return values[name] if name in values else getattr(self.__dict__["base"], name)
 
 
 def _differences(runs: Sequence[AdversarialModuleLogic]) -> dict[str, list[Any]]:
@@ -151,11 +138,12 @@ class PackedModuleLogic(ModuleHost):
         seeds: each run's seed (its attacks' random stream starts from it, as a separate run's does from
             ``seed_everything``); default: the process's seed for all.
         names: each run's metric prefix (default ``run0``, ``run1``, ...).
-        batching: how the step runs the runs: ``"vmap"`` (one batched step over stacked weights: on a GPU, one
-            launch per pass for all runs), ``"loop"`` (each run's own step one after another, in one process and
-            with the captured step in one graph: on a CPU, where batching the runs' convolutions as grouped
-            convolutions is slower than running them apart; ``benchmarks/packed.py``), or ``"auto"``: ``vmap``
-            on CUDA, ``loop`` elsewhere.
+        batching: how the step runs the runs: ``"vmap"`` (one batched step over stacked weights: one launch per
+            pass for all runs; eval-mode BatchNorm has no ``vmap`` batching rule, so the attacks' forwards of a
+            BatchNorm backbone loop over the runs inside it), ``"loop"`` (each run's own step one after another,
+            in one process and with the captured step in one graph), or ``"auto"`` (default): ``"loop"``, on
+            every device, until a GPU measurement of ``benchmarks/packed.py`` shows ``vmap`` ahead (on a CPU
+            batching the runs' convolutions as grouped convolutions is slower than running them apart).
     """
 
     first_bad_step: Tensor
@@ -185,7 +173,8 @@ class PackedModuleLogic(ModuleHost):
         self.stopped: set[int] = set()
         self._groups: list[int] = []  # parameter groups per run in the merged optimiser
         option = runs[0].hparams.get("compile_step", False)  # the same in every run (check_packable)
-        self._graphs = {"vmap": Captured(self._stacked_fn, option), "loop": Captured(self._looped_fn, option)
+        self._graphs = {"vmap": Captured(self._stacked_fn, option, "packed step"),
+                        "loop": Captured(self._looped_fn, option, "packed step")
                         } if option is not False else None
         self._param_names = [k for k, _ in runs[0].net.named_parameters()]
         self._buffer_names = [k for k, _ in runs[0].net.named_buffers()]
@@ -218,7 +207,7 @@ class PackedModuleLogic(ModuleHost):
                   y: Tensor, inputs: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         net = RunNet(self.template, params, buffers)
         first = self.members[0]
-        return first.step_loss(cast(nn.Module, net), RunHparams(first.hparams, hp), x, y, inputs)
+        return first.step_loss(cast(nn.Module, net), GraphSettings(first.settings().values, hp), x, y, inputs)
 
     def _stacked_fn(self, params: dict[str, Tensor], buffers: dict[str, Tensor], hp: dict[str, Tensor], x: Tensor,
                     y: Tensor, inputs: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
@@ -228,15 +217,13 @@ class PackedModuleLogic(ModuleHost):
 
     def _looped_fn(self, xs: list[Tensor], ys: list[Tensor], inputs: list[dict[str, Any]]
                    ) -> tuple[Tensor, dict[str, Tensor]]:
-        results = [run.step_loss(run.net, run.hparams, x, y, i) for run, x, y, i in zip(self.members, xs, ys, inputs)]
+        results = [run.step_loss(run.net, run.settings(x), x, y, i) for run, x, y, i in zip(self.members, xs, ys, inputs)]
         return (torch.stack([loss for loss, _ in results]),
                 {k: torch.stack([out[k] for _, out in results]) for k in results[0][1]})
 
     def batching_on(self, device: torch.device) -> str:
-        """The batching the step uses on ``device`` (``"auto"``: ``"vmap"`` on CUDA, ``"loop"`` elsewhere)."""
-        if self.batching != "auto":
-            return self.batching
-        return "vmap" if device.type == "cuda" else "loop"
+        """The batching the step uses on ``device`` (``"auto"``: ``"loop"``)."""
+        return "loop" if self.batching == "auto" else self.batching
 
     def pack_step(self, xs: list[Tensor], ys: list[Tensor], inputs: list[dict[str, Any]]
                   ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -246,8 +233,11 @@ class PackedModuleLogic(ModuleHost):
         device = xs[0].device
         with host_checks(False):  # the step reads no values (each run's first batch is checked before it)
             if self.batching_on(device) == "loop":
-                graph = None if self._graphs is None else self._graphs["loop"]
-                return self._looped_fn(xs, ys, inputs) if graph is None else graph(device, xs, ys, inputs)
+                if self._graphs is None:
+                    return self._looped_fn(xs, ys, inputs)
+                return cast(tuple[Tensor, dict[str, Tensor]], self._graphs["loop"](
+                    device, (xs, ys, inputs), eager=lambda: self._looped_fn(xs, ys, inputs), restore=self,
+                    params=[p for p in self.parameters() if p.requires_grad]))
             stacked = tree_map(lambda *ts: torch.stack(ts), *inputs) if inputs[0] else inputs[0]
             return self.stacked_step(torch.stack(xs), torch.stack(ys), stacked)
 
@@ -260,7 +250,10 @@ class PackedModuleLogic(ModuleHost):
             if self._graphs is None:
                 losses, outputs, buffers = self._stacked_fn(params, buffers, hp, x, y, inputs)
             else:
-                losses, outputs, buffers = self._graphs["vmap"](x.device, params, buffers, hp, x, y, inputs)
+                losses, outputs, buffers = self._graphs["vmap"](
+                    x.device, (params, buffers, hp, x, y, inputs), restore=self,
+                    eager=lambda: self._stacked_fn(params, buffers, hp, x, y, inputs),
+                    params=[p for p in self.parameters() if p.requires_grad])
         with torch.no_grad():
             for i, run in enumerate(self.members):
                 for k, b in run.net.named_buffers():
@@ -338,9 +331,15 @@ class PackedModuleLogic(ModuleHost):
 
     # --- hooks forwarded to every run ----------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        """Attach every run to the pack's trainer (its step count, device and rank are the runs')."""
+        """Attach every run to the pack's trainer (its step count, device and rank are the runs'), and give each
+        run's own loggers (a :class:`~mma_lightning.packing.RunLogger` with the run's prefix) its settings, as a
+        run that trains alone logs them (``hparams.yaml``)."""
         for run in self.members:
             run.trainer = self.trainer  # type: ignore[assignment]
+        for logger in self.trainer.loggers:
+            for run, name in zip(self.members, self.names):
+                if getattr(logger, "prefix", None) == f"{name}/":
+                    logger.log_hyperparams(dict(run.hparams))
 
     def on_train_start(self) -> None:
         """Each run's own start (MMA sizes its eps table from the data)."""

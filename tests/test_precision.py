@@ -1,4 +1,4 @@
-"""Fast-path options of the training step (issue 9): ``channels_last`` memory format and ``bf16-mixed``.
+"""Fast-path options of the training step: ``channels_last`` memory format and ``bf16-mixed``.
 
 ``channels_last=True`` changes the memory layout only: the step's loss and the eps it stores match the
 default layout, and every input the backbone sees during the step is ``channels_last``. Under bfloat16

@@ -9,7 +9,8 @@ This is the projection step of DeepFool (Moosavi-Dezfooli et al., CVPR 2016) and
 the smallest perturbation that a forward pass verified adversarial. On a linear model one step lands on the
 nearest boundary of the class that wins at the current point, so margins become exact.
 
-Batched with per-sample masks, no host sync, input gradients from ``torch.autograd.grad`` only.
+Batched with per-sample masks, no host sync, input gradients from ``torch.autograd.grad`` only. Forwards and
+backwards in float32 even under autocast, as the rest of the margin search (:mod:`.line_search`, "Precision").
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 
 from mma_lightning.attacks.context import frozen_parameters, model_mode
 from mma_lightning.attacks.gradients import input_gradient
-from mma_lightning.attacks.line_search import AdvTest, LossFn
+from mma_lightning.attacks.line_search import AdvTest, LossFn, outside_autocast, search_input
 from mma_lightning.attacks.norms import Norm, per_sample
 from mma_lightning.attacks.pgd import clip_box
 
@@ -96,6 +97,7 @@ def refine_on_boundary(
     clip_min: float | None,
     clip_max: float | None,
     gradient_scale: float = 1.0,
+    full_precision: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """``steps`` linearised boundary projections from ``start`` (rows ``active``; the other rows are carried
     along unchanged). ``start`` is a verified adversarial point where ``found``; elsewhere (the ray found
@@ -103,21 +105,23 @@ def refine_on_boundary(
 
     Returns ``(best, found)``: per sample the point of smallest perturbation norm that a forward pass
     verified adversarial (``start`` where ``found`` and no candidate beat it), and whether there is one.
-    Costs ``steps`` forward/backward pairs and one verification forward, in eval mode.
+    Costs ``steps`` forward/backward pairs and one verification forward, in eval mode; in float32 under
+    autocast unless ``full_precision=False`` (the step's length comes from the margin's value and the
+    verification decides what counts as adversarial: :func:`~.line_search.outside_autocast`).
     """
     lower = None if clip_min is None else clip_min - x
     upper = None if clip_max is None else clip_max - x
     kept = SmallestAdversarial(x, start, found, norm.norm(start - x))
     cand = start.detach()
     reach = torch.ones_like(kept.size)  # trust region: the fraction of the way to the projection taken
-    with model_mode(model, train=False), frozen_parameters(model):  # the input gradient only
-        for k in range(steps + 1):
+    with model_mode(model, train=False), frozen_parameters(model), outside_autocast(x, full_precision):
+        for k in range(steps + 1):  # the input gradient only (frozen parameters)
             if k == steps:
                 with torch.no_grad():
-                    logits = model(cand)
+                    logits = model(search_input(cand, full_precision))
             else:
-                logits, h, grad = input_gradient(model, cand, lambda c: c, lambda z: margin_fn(z, y),
-                                                 gradient_scale)
+                logits, h, grad = input_gradient(model, cand, lambda c: search_input(c, full_precision),
+                                                 lambda z: margin_fn(z, y), gradient_scale)
             # Keep the candidate if verified adversarial and smaller (the first is the start itself).
             adv = is_adv(logits, y)
             kept.offer(cand, norm.norm(cand - x), active & adv)

@@ -12,8 +12,9 @@ its point, so the smallest verified adversarial point seen is kept (FMN's best-p
 forward verifies the final candidate.
 
 FMN runs about 100 such steps from ``x``; here a handful suffice because they start at a point already within a
-few percent of the boundary (the issue's experiment: warm-started PGD at a slightly smaller radius).
-Batched with per-sample masks, no host sync, input gradients from ``torch.autograd.grad`` only.
+few percent of the boundary (benchmarks/margin_search.py compares the searches on trained models).
+Batched with per-sample masks, no host sync, input gradients from ``torch.autograd.grad`` only. Forwards and
+backwards in float32 even under autocast, as the rest of the margin search (:mod:`.line_search`, "Precision").
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 from mma_lightning.attacks.boundary import SmallestAdversarial
 from mma_lightning.attacks.context import frozen_parameters, model_mode
 from mma_lightning.attacks.gradients import input_gradient
-from mma_lightning.attacks.line_search import AdvTest, LossFn
+from mma_lightning.attacks.line_search import AdvTest, LossFn, outside_autocast, search_input
 from mma_lightning.attacks.norms import Norm
 from mma_lightning.attacks.pgd import clip_box
 
@@ -50,6 +51,7 @@ def fmn_steps(
     clip_min: float | None,
     clip_max: float | None,
     gradient_scale: float = 1.0,
+    full_precision: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """``steps`` FMN steps from ``start`` (rows ``active`` count; the others are carried along unchanged).
 
@@ -58,19 +60,21 @@ def fmn_steps(
     ``margin_fn`` is the success test's margin (adversarial where ``>= 0``); it is the objective of the steps.
     Returns ``(best, found)`` as :func:`~mma_lightning.attacks.boundary.refine_on_boundary`: per sample the
     point of smallest norm a forward pass verified adversarial, and whether there is one. Costs ``steps``
-    forward/backward pairs and one verification forward, in eval mode.
+    forward/backward pairs and one verification forward, in eval mode; in float32 under autocast unless
+    ``full_precision=False`` (the radius moves by the margin's value over its gradient's norm, and the
+    verification decides what counts as adversarial: :func:`~.line_search.outside_autocast`).
     """
     delta = (start - x).detach()
     eps = norm.norm(delta)
     kept = SmallestAdversarial(x, start, found, eps)
-    with model_mode(model, train=False), frozen_parameters(model):  # the input gradient only
-        for k in range(steps + 1):
+    with model_mode(model, train=False), frozen_parameters(model), outside_autocast(x, full_precision):
+        for k in range(steps + 1):  # the input gradient only (frozen parameters)
             if k == steps:
                 with torch.no_grad():
-                    logits = model(x + delta)
+                    logits = model(search_input(x + delta, full_precision))
             else:
-                logits, h, grad = input_gradient(model, delta, lambda d: x + d, lambda z: margin_fn(z, y),
-                                                 gradient_scale)
+                logits, h, grad = input_gradient(model, delta, lambda d: search_input(x + d, full_precision),
+                                                 lambda z: margin_fn(z, y), gradient_scale)
             # Keep the point if verified adversarial and smaller than the best so far.
             delta_norm = norm.norm(delta)
             kept.offer(x + delta, delta_norm, active & is_adv(logits, y))

@@ -9,11 +9,24 @@ the MMA margin search (Ding et al., ICLR 2020, Alg. 1 / reference ``mma_training
   the bisection reaches in ten.
 
 Both are batched over samples with per-sample tensors and masks; no host sync, no autograd graph.
+
+Precision (a default of ours; the reference, Ding et al. ICLR 2020, runs in float32 and has no autocast). Both
+run their forwards in float32 even under autocast (:func:`outside_autocast`), unless ``full_precision=False``.
+Under ``bf16-mixed`` the model's input is rounded to bfloat16 (8 significant bits: steps of 0.004 for pixels in
+[0.5, 1)) and so are its activations and logits, so the margin along the ray is a noisy function of ``t`` and
+a bisection in bfloat16 lands further from float32's crossing than its final bracket claims
+(``benchmarks/bf16_margins.py``: LeNet5-Madry trained on Fashion-MNIST, the same float32 PGD ray, MMA's
+search: eps differs by 0.37 % median, 1.6 % p90, 9 % max, a third of the points by more than the bracket; in
+float32 under autocast it is float32's, bit for bit). PGD's own steps, where only the gradient's direction
+counts, stay in the autocast precision: they are most of the search's cost (K forward/backward pairs against
+S forwards), and the change of direction they bring is no larger than that of another random start.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +42,30 @@ ROOT_BIAS = 0.02
 """Fraction of the way from the regula-falsi root estimate to ``hi`` at which :func:`root_find_ray` tests."""
 EXTRAPOLATION_OVERSHOOT = 0.25
 """Relative overshoot of the secant extrapolation before any adversarial point is known."""
+
+
+def outside_autocast(x: Tensor, enabled: bool = True) -> AbstractContextManager[object]:
+    """A context in which ``x``'s device runs without autocast (float32 forwards), if autocast is on there and
+    ``enabled``; else a no-op context.
+
+    The margin search's forwards run in it (:func:`bisect_ray`, :func:`root_find_ray`, the refined search's
+    :mod:`.boundary` and :mod:`.fmn` steps): the eps they return is a threshold on the model's margin, which
+    bfloat16 rounding of the input and of the activations blurs (module docstring; ``lightning-notes`` 6:
+    keep margin comparisons in float32). The parameters stay as they are (Lightning's ``*-mixed`` precisions
+    keep them in float32); only the autocast casts are switched off. Capturable: ``torch.compile(fullgraph=True)``
+    traces the autocast state as a constant of the graph and the context as a region of it.
+    """
+    device = x.device.type
+    if enabled and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.autocast(device, enabled=False)
+    return contextlib.nullcontext()
+
+
+def search_input(x: Tensor, full_precision: bool = True) -> Tensor:
+    """The input of a forward inside :func:`outside_autocast`: ``x`` in float32 if ``full_precision`` and it is a
+    half-precision float (float16, bfloat16), where nothing casts it to the parameters' float32 any more;
+    else ``x`` as it is."""
+    return x.float() if full_precision and x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def point_on_ray(x: Tensor, direction: Tensor, t: Tensor, clip_min: float | None,
@@ -50,6 +87,7 @@ def bisect_ray(
     clip_max: float | None,
     train_mode: bool = False,
     subset: Tensor | None = None,
+    full_precision: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The reference's bisection over ``[0, upper]`` starting at ``init``: ``steps`` forwards.
 
@@ -58,14 +96,19 @@ def bisect_ray(
     ``train_mode`` runs the forwards in train mode (the reference's quirk); with a ``subset`` mask only those
     rows are forwarded (the reference's train-mode search sees only the correct rows, so BatchNorm's batch
     statistics are theirs). That selection syncs with the host: it is the opt-in reproduction mode.
+
+    ``full_precision`` (default): the forwards run in float32 under autocast (:func:`outside_autocast`); the
+    final bracket ``init / 2**(steps - 1)`` or ``(upper - init) / 2**(steps - 1)`` wide is then what it says,
+    which under bfloat16 it is not (module docstring). ``False``: in the autocast precision, as before.
     """
     lo, hi, cur = torch.zeros_like(init), upper.clone(), init.clone()
     found = torch.zeros_like(init, dtype=torch.bool)
     x_best = x.clone()
-    with torch.no_grad(), model_mode(model, train=train_mode):
+    with torch.no_grad(), model_mode(model, train=train_mode), outside_autocast(x, full_precision):
         for _ in range(steps):
             x_cur = point_on_ray(x, direction, cur, clip_min, clip_max)
-            adv = is_adv(model(x_cur), y) if subset is None else _subset_is_adv(model, x_cur, y, subset, is_adv)
+            x_in = search_input(x_cur, full_precision)
+            adv = is_adv(model(x_in), y) if subset is None else _subset_is_adv(model, x_in, y, subset, is_adv)
             hi = torch.where(adv, torch.minimum(hi, cur), hi)
             lo = torch.where(adv, lo, torch.maximum(lo, cur))
             x_best = torch.where(per_sample(adv, x), x_cur, x_best)
@@ -96,6 +139,7 @@ def root_find_ray(
     clean_margin: Tensor,
     clip_min: float | None,
     clip_max: float | None,
+    full_precision: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Safeguarded root-finder for the margin ``h(t) = margin_fn(model(x + t u), y)`` on ``[0, upper]``.
 
@@ -107,7 +151,8 @@ def root_find_ray(
     ``ROOT_BIAS`` of the way from its root estimate towards ``hi``, so that on a nearly linear margin every trial
     lands just past the root and ``hi`` closes in from above geometrically; the Illinois rule (halve ``h(hi)``
     when ``lo`` moved twice running) against stagnation; the bracket's midpoint when a trial falls outside it.
-    Returns ``(hi, found, x_best)`` as :func:`bisect_ray`.
+    Returns ``(hi, found, x_best)`` as :func:`bisect_ray`; ``full_precision`` as there (float32 forwards under
+    autocast: regula falsi interpolates the margin's values, which bfloat16 rounds).
     """
     zero = torch.zeros_like(init)
     lo, g_lo = zero, clean_margin.to(init.dtype)
@@ -117,10 +162,10 @@ def root_find_ray(
     lo_moved_last = torch.zeros_like(found)
     x_best = x.clone()
     cur = init.clone()
-    with torch.no_grad(), model_mode(model, train=False):
+    with torch.no_grad(), model_mode(model, train=False), outside_autocast(x, full_precision):
         for k in range(steps):
             x_cur = point_on_ray(x, direction, cur, clip_min, clip_max)
-            logits = model(x_cur)
+            logits = model(search_input(x_cur, full_precision))
             adv = is_adv(logits, y)
             g = margin_fn(logits, y).to(init.dtype)
             moves_hi = adv & ((cur < hi) | ~found)  # hi = upper is not verified until a trial there succeeds

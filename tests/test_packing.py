@@ -317,7 +317,17 @@ def test_the_packing_benchmark_runs_at_a_reduced_size(tmp_path: Path) -> None:
                              "--json", str(tmp_path / "packed.json")])
     assert [(r["runs"], r["batching"]) for r in report["rows"]] == [(1, "-"), (2, "loop"), (2, "vmap")]
     assert all(r["images_per_s"] > 0 for r in report["rows"]) and report["rows"][0]["vs_one_run"] == 1.0
+    assert all(r["state"] == "off" and r["perf_drop_warnings"] == 0 for r in report["rows"])
     assert (tmp_path / "packed.json").is_file()
+    # the captured step (dynamo's eager backend: tracing without code generation), plus the eager fp32 reference
+    report = benchmark.main(["--device", "cpu", "--model", "tiny", "--runs", "2", "--reps", "1", "--warmup", "1",
+                             "--batching", "loop", "--compile-backend", "eager"])
+    rows = report["rows"]
+    assert [(r["variant"], r["reference"]) for r in rows] == [
+        ("one run", False), ("2 packed, loop", False), ("one run, eager fp32", True)]
+    assert [r["state"] for r in rows] == ["captured", "captured", "off"], [r["fallback_reason"] for r in rows]
+    assert all(r["first_call_s"] > 0 for r in rows[:2]) and rows[2]["first_call_s"] is None
+    assert all(r["perf_drop_warnings"] == 0 and r["vs_reference"] > 0 and r["images_per_s"] > 0 for r in rows)
 
 
 def test_the_packing_benchmark_times_a_sweep_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -183,6 +183,18 @@ def test_indices_from_the_data_and_max_samples(fixed_model, fashion) -> None:
     assert torch.equal(res.index, 1000 + torch.arange(21))
 
 
+def test_one_point_and_indices_above_float32_precision(fixed_model, fashion) -> None:
+    """max_samples=1 gives a result of one point; an index above 2**24 (where float32 has no odd integers)
+    comes back exactly."""
+    x, y = fashion["x"][:4], fashion["y"][:4]
+    one = robust_accuracy(fixed_model, (x, y), "linf", [0.05], nb_iter=2, restarts=1, max_samples=1)
+    assert one.index.tolist() == [0] and one.robust.shape == (1, 1)
+    big = 2**24 + 1 + torch.arange(4)
+    res = robust_accuracy(fixed_model, DataLoader(TensorDataset(x, y, big), batch_size=2), "linf", [0.05],
+                          nb_iter=2, restarts=1)
+    assert res.index.tolist() == big.tolist()
+
+
 def test_no_side_effects_on_the_model_and_inference_mode() -> None:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 3))

@@ -123,6 +123,23 @@ def test_atomic_checkpoint_io_keeps_the_old_file_when_a_write_fails(tmp_path: Pa
         io.save_checkpoint({"step": 3}, path, storage_options={"x": 1})
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_get_the_permissions_of_any_new_file(tmp_path: Path, umask: int) -> None:
+    """Checkpoints and the evaluation's files are written to a temporary file (created 0600) and renamed into
+    place: they get the mode the user's umask gives any new file (0644 under 022), as open() would."""
+    from mma_lightning.evaluation.atomic import write_atomically
+
+    old = os.umask(umask)
+    try:
+        AtomicCheckpointIO().save_checkpoint({"step": 1}, tmp_path / "last.ckpt")
+        write_atomically(tmp_path / "results.json", b"{}")
+        (tmp_path / "plain.txt").write_text("x")  # what any other new file gets
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"last.ckpt": 0o666 & ~umask, "results.json": 0o666 & ~umask, "plain.txt": 0o666 & ~umask}
+
+
 def test_sigkill_during_checkpoint_writes_leaves_a_loadable_file(tmp_path: Path) -> None:
     """A process rewriting a 16 MB checkpoint in a loop is SIGKILLed: the file left is always whole."""
     script = textwrap.dedent(f"""

@@ -35,13 +35,13 @@ class SampleCollector(nn.Module):
         self.metrics = nn.ModuleDict({name: CatMetric(nan_strategy="disable", sync_on_compute=sync)
                                       for name in [INDEX, *columns]})
         self.metrics.to(device)
+        for metric in self.columns.values():
+            metric.set_dtype(torch.float64)  # float32 would round indices above 2**24
 
     @property
     def columns(self) -> dict[str, CatMetric]:
         """The metrics by column name (typed)."""
         return cast(dict[str, CatMetric], dict(self.metrics.items()))
-        for metric in self.columns.values():
-            metric.set_dtype(torch.float64)
 
     def update(self, index: Tensor, **columns: Tensor) -> None:
         """Add one batch: ``index`` ``[B]`` and every column ``[B]`` (bool / int / float)."""
@@ -62,7 +62,8 @@ class SampleCollector(nn.Module):
         index = values[INDEX]
         if isinstance(index, list) or index.numel() == 0:
             raise ValueError("data yielded no samples to evaluate")
-        index = index.long()
+        values = {name: v.reshape(-1) for name, v in values.items()}  # one sample computes to a 0-d tensor
+        index = values[INDEX].long()
         order = torch.argsort(index)
         index = index[order]
         if index.numel() > 1 and bool((index[1:] == index[:-1]).any()):

@@ -171,18 +171,15 @@ def test_a_trainer_refuses_the_other_namespace(tmp_path: Path) -> None:
 
 def test_a_default_module_built_next_to_lightning_pytorch_says_which_package_to_use(monkeypatch,
                                                                                     tmp_path: Path) -> None:
-    """Issue 19, item 6, the module itself: ``lightning.Trainer.fit`` refuses it before any of its hooks runs, so
-    the hint comes when it is built in a process on ``lightning.pytorch`` that never imported
-    ``mma_lightning.lightning`` (the lightning-hydra-template's case); then Lightning's own ``TypeError``."""
+    """The module itself: ``lightning.Trainer.fit`` refuses it before any of its hooks runs, so the hint comes
+    when it is built in a process on ``lightning.pytorch`` that never imported ``mma_lightning.lightning`` (the
+    lightning-hydra-template's case); then Lightning's own ``TypeError``."""
     import re
     import sys
     import warnings
 
     monkeypatch.delitem(sys.modules, "mma_lightning.lightning")
-    hint = ("MMAModule is a pytorch_lightning class (from mma_lightning) and lightning.pytorch is imported: a "
-            "lightning.Trainer refuses it (TypeError: `model` must be a `LightningModule`). With a lightning.Trainer, "
-            "use `from mma_lightning.lightning import MMAModule` (and mma_lightning.lightning.data, ...); with a "
-            "pytorch_lightning.Trainer, nothing to change")
+    hint = HINT.format(subject="MMAModule is", name="MMAModule")
     with pytest.warns(UserWarning, match=f"^{re.escape(hint)}$"):
         module = tiny_mma(mma_lightning)
     with pytest.raises(TypeError, match="LightningModule"):
@@ -193,6 +190,30 @@ def test_a_default_module_built_next_to_lightning_pytorch_says_which_package_to_
         tiny_mma(mma_lightning)
         tiny_mma(mml)
 
+
+def test_a_subclass_defined_next_to_lightning_pytorch_says_which_package_to_use(monkeypatch) -> None:
+    """LightningCLI refuses a subclass of a default-namespace module before building it
+    (``MisconfigurationException: Cannot add arguments from``): the hint comes when the subclass is defined."""
+    import re
+    import sys
+
+    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    monkeypatch.delitem(sys.modules, "mma_lightning.lightning")
+    hint = HINT.format(subject="MMAClassifier derives from MMAModule, which is", name="MMAModule")
+    with pytest.warns(UserWarning, match=f"^{re.escape(hint)}$"):
+        class MMAClassifier(mma_lightning.MMAModule):
+            pass
+    with pytest.raises(MisconfigurationException, match="Cannot add arguments from"):
+        LightningCLI(MMAClassifier, args=[])
+
+
+HINT = ("{subject} a pytorch_lightning class (from mma_lightning) and lightning.pytorch is imported: a "
+        "lightning.Trainer refuses it (TypeError: `model` must be a `LightningModule`), and so does "
+        "lightning.pytorch.cli.LightningCLI (MisconfigurationException: Cannot add arguments from ...). With "
+        "lightning.pytorch, use `from mma_lightning.lightning import {name}` (and mma_lightning.lightning.data, "
+        "...); with a pytorch_lightning.Trainer, nothing to change")
 
 OTHER_NAMESPACE = ("{name} is a {ours} class (from {ours_pkg}) and the Trainer is a {theirs} Trainer "
                    "({trainer}): a Trainer takes only the classes of its own namespace. With a {theirs} Trainer, "
@@ -205,8 +226,8 @@ OTHER_NAMESPACE = ("{name} is a {ours} class (from {ours_pkg}) and the Trainer i
 def test_a_datamodule_under_the_other_namespaces_trainer_names_the_package_to_use(trainer_ns: str,
                                                                                   module_ns: str,
                                                                                   tmp_path: Path) -> None:
-    """Issue 19, item 6: where the library sees the Trainer (its datamodules are attached to it; mma-train
-    builds both), the mismatch names ``mma_lightning.lightning`` (or ``mma_lightning``), not Lightning's
+    """Where the library sees the Trainer (its datamodules are attached to it; mma-train builds both), the
+    mismatch names ``mma_lightning.lightning`` (or ``mma_lightning``), not Lightning's
     ``ValueError: Expected a parent``."""
     from mma_lightning.namespaces import check_trainer_namespace
 

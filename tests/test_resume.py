@@ -1,6 +1,7 @@
 """Exact resume: a run stopped at a checkpoint and resumed equals the uninterrupted run bitwise on CPU
-(weights, MMA eps table, optimiser), from an epoch boundary and from mid-epoch (issue 10, item 1), also from a
-checkpoint saved by ``trainer.save_checkpoint`` after ``fit`` returned (issue 18, item 3).
+(weights, MMA eps table, optimiser), from an epoch boundary and from mid-epoch, also from a checkpoint saved by
+``trainer.save_checkpoint`` after ``fit`` returned and from the one the default ``ModelCheckpoint`` writes as a
+``max_steps`` fit ends (:mod:`mma_lightning.methods.resume_point`).
 
 The model has dropout (the global torch stream), MMA's AN-PGD starts at random (the module's attack
 generator) and the data are shuffled (the resumable sampler); validation and its sanity check run too.
@@ -59,8 +60,9 @@ def fit(steps: int, root: Path, ckpt_path: str | None = None, method: str = "mma
     if save_every is not None:
         callbacks.append(lightning.callbacks.ModelCheckpoint(dirpath=root, every_n_train_steps=save_every,
                                                              save_top_k=-1, filename="{step}"))
+    saving = save_every is not None or any(isinstance(c, lightning.callbacks.ModelCheckpoint) for c in callbacks)
     trainer = lightning.Trainer(accelerator="cpu", devices=1, deterministic=True, logger=False,
-                                enable_checkpointing=save_every is not None, callbacks=callbacks,
+                                enable_checkpointing=saving, callbacks=callbacks,
                                 enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=1,
                                 default_root_dir=root, **{"max_steps": steps, "max_epochs": -1, **trainer_kwargs})
     lightning.seed_everything(0)
@@ -130,8 +132,8 @@ def test_checkpoint_saved_after_fit_resumes_exactly(tmp_path: Path, stop: int, n
                                                     straight_runs: dict[tuple[str, str], pl.LightningModule]
                                                     ) -> None:
     """``trainer.fit(max_steps=stop); trainer.save_checkpoint(p)``, then ``fit(ckpt_path=p)`` to a larger
-    ``max_steps``: the same weights, eps table and optimiser state as the uninterrupted run (issue 18: Lightning's
-    closed fit loop made this resume in the next epoch; max |dw| was 0.21 here)."""
+    ``max_steps``: the same weights, eps table and optimiser state as the uninterrupted run (Lightning's closed fit
+    loop made this resume in the next epoch; max |dw| was 0.21 here)."""
     total = 2 * STEPS_PER_EPOCH
     fit(stop, tmp_path, method=method, namespace=namespace, save_after=True)
     ckpt = torch.load(tmp_path / "after_fit.ckpt", weights_only=True)
@@ -169,6 +171,42 @@ def test_checkpoint_after_fit_ended_by_an_early_stop_warns(tmp_path: Path,
     with pytest.warns(UserWarning, match="saved after fit returned at step 3"):
         resumed = fit(2 * STEPS_PER_EPOCH, tmp_path / "resumed", ckpt_path=str(tmp_path / "after_fit.ckpt"))
     assert max_diff(straight, resumed) > 0
+
+
+@pytest.mark.parametrize("namespace", list(NAMESPACES))
+@pytest.mark.parametrize("stop", [STEPS_PER_EPOCH, STEPS_PER_EPOCH + 3], ids=["epoch_boundary", "mid_epoch"])
+def test_the_checkpoint_a_max_steps_fit_ends_with_resumes_exactly(
+        tmp_path: Path, stop: int, namespace: str,
+        straight_runs: dict[tuple[str, str], pl.LightningModule]) -> None:
+    """The default ``ModelCheckpoint`` saves as a ``max_steps`` fit closes its epoch (``epoch=1-step=9.ckpt``):
+    Lightning counted that epoch as processed, so a resume skipped the rest of a half-done epoch, or ran the next
+    epoch in the order of the one after (max |dw| 0.21 and an eps table 0.21 off). The step's own loop state is
+    written instead: bitwise the uninterrupted run."""
+    lightning = importlib.import_module(NAMESPACES[namespace][0])
+    fit(stop, tmp_path, namespace=namespace, callbacks=[lightning.callbacks.ModelCheckpoint(dirpath=tmp_path)])
+    (ckpt,) = tmp_path.glob("*.ckpt")
+    assert ckpt.name == f"epoch={(stop - 1) // STEPS_PER_EPOCH}-step={stop}.ckpt"  # the epoch of the last step
+    resumed = fit(2 * STEPS_PER_EPOCH, tmp_path / "resumed", namespace=namespace, ckpt_path=str(ckpt))
+    straight = straight_runs[namespace, "mma"]
+    assert max_diff(straight, resumed) == 0.0 and optimizer_diff(straight, resumed) == 0.0
+    assert float((straight.eps_store.eps - resumed.eps_store.eps).abs().max()) == 0.0
+
+
+def test_a_checkpoint_of_a_half_epoch_closed_by_an_early_stop_warns(tmp_path: Path) -> None:
+    """A stop requested by a mid-epoch validation (as EarlyStopping does) leaves no step-end state: a checkpoint
+    written as fit closes that half epoch warns at save and at resume, naming the step and the skipped batches."""
+    class StopAtValidation(pl.Callback):
+        def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            trainer.should_stop = not trainer.sanity_checking
+
+    at_epoch_end = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_on_train_epoch_end=True)
+    with pytest.warns(UserWarning, match="saved at step 3 while fit closed epoch 0 after 3 of its 6 batches.*"
+                                         "skips the last 3 batches of epoch 0"):
+        fit(2 * STEPS_PER_EPOCH, tmp_path, callbacks=[StopAtValidation(), at_epoch_end], val_check_interval=3)
+    (ckpt,) = tmp_path.glob("*.ckpt")
+    assert INEXACT_KEY in torch.load(ckpt, weights_only=True)
+    with pytest.warns(UserWarning, match="skips the last 3 batches of epoch 0"):
+        fit(2 * STEPS_PER_EPOCH, tmp_path / "resumed", ckpt_path=str(ckpt))
 
 
 def test_resume_without_the_streams_differs(tmp_path: Path, straight: pl.LightningModule) -> None:

@@ -198,3 +198,39 @@ def test_the_missing_index_message_names_with_index() -> None:
     module = tiny_mma()
     with pytest.raises(ValueError, match=r"mma_lightning\.data\.with_index\(datamodule\)"):
         module.training_step((torch.rand(4, 1, 4, 4), torch.arange(4) % 3), 0)
+
+
+class PlainPairs(pl.LightningDataModule):
+    """An (x, y) datamodule with its own arguments, importable by path (for Hydra and LightningCLI)."""
+
+    def __init__(self, batch_size: int = 4, size: int = 12) -> None:
+        super().__init__()
+        self.data = TensorDataset(torch.rand(size, 1, 4, 4), torch.arange(size) % 3)
+        self.batch_size = batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=self.batch_size, shuffle=True)
+
+
+def test_hydra_builds_the_wrapper_and_its_datamodule_from_targets() -> None:
+    from hydra.utils import instantiate
+
+    wrapped = instantiate({"_target_": "mma_lightning.data.WithIndexDataModule", "seed": 3,
+                           "datamodule": {"_target_": f"{__name__}.PlainPairs", "batch_size": 6}})
+    assert type(wrapped) is WithIndexDataModule and type(wrapped.datamodule) is PlainPairs
+    assert wrapped.seed == 3 and wrapped.train_dataloader().batch_size == 6
+
+
+def test_with_index_of_a_class_is_a_class_with_its_arguments() -> None:
+    import inspect
+
+    indexed = with_index(PlainPairs, seed=5)
+    assert issubclass(indexed, WithIndexDataModule) and indexed.__name__ == "PlainPairsWithIndex"
+    assert list(inspect.signature(indexed).parameters) == ["batch_size", "size"]
+    module = indexed(batch_size=3, size=9)
+    assert type(module.datamodule) is PlainPairs and module.seed == 5 and module.num_train_samples == 9
+    x, _, index = next(iter(module.train_dataloader()))
+    assert x.shape == (3, 1, 4, 4) and index.dtype == torch.int64
+    assert with_index(TensorDataModule) is TensorDataModule  # already yields the index
+    with pytest.raises(ValueError, match="needs a LightningDataModule class or object.*got <class 'int'>"):
+        with_index(int)

@@ -9,8 +9,11 @@ cannot exist, and no namespace gets imported as a side effect.
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -82,17 +85,38 @@ def check_trainer_namespace(obj: object, trainer: object) -> None:
         f"{PACKAGES[ours]} with a {ours} Trainer")
 
 
+_HINTS = contextvars.ContextVar("mma_lightning_namespace_hints", default=True)
+
+
+@contextmanager
+def without_namespace_hint() -> Iterator[None]:
+    """No :func:`other_namespace_hint` inside: for objects the library builds for a Trainer it builds itself
+    (``mma-eval``'s method around a backbone), whose namespace the user never chose."""
+    token = _HINTS.set(False)
+    try:
+        yield
+    finally:
+        _HINTS.reset(token)
+
+
 def other_namespace_hint(obj: object) -> str | None:
-    """A hint for ``obj``, a ``pytorch_lightning`` class of this library built in a process that imported
-    ``lightning.pytorch`` but not :mod:`mma_lightning.lightning` (a project on ``import lightning`` adopting
-    ``mma_lightning.MMAModule``): a ``lightning.Trainer`` refuses it first thing in ``fit``, before any hook of
-    the library runs, so no later check can name the fix. ``None`` otherwise (``pytorch_lightning`` is always
-    imported here, so the reverse cannot be told)."""
-    if (namespace_of(obj) != NAMESPACES[0] or NAMESPACES[1] not in sys.modules
+    """A hint for ``obj``, a ``pytorch_lightning`` class of this library or a project's subclass of one (the class
+    or an object of it), built or defined in a process that imported ``lightning.pytorch`` but not
+    :mod:`mma_lightning.lightning` (a project on ``import lightning`` adopting ``mma_lightning.MMAModule``): a
+    ``lightning.Trainer`` refuses it first thing in ``fit``, and LightningCLI before building it
+    (``MisconfigurationException: Cannot add arguments from``), before any hook of the library runs, so no later
+    check can name the fix. ``None`` otherwise (``pytorch_lightning`` is always imported here, so the reverse
+    cannot be told), and inside :func:`without_namespace_hint`."""
+    if (not _HINTS.get() or namespace_of(obj) != NAMESPACES[0] or NAMESPACES[1] not in sys.modules
             or PACKAGES[NAMESPACES[1]] in sys.modules):
         return None
-    name = type(obj).__name__
-    return (f"{name} is a pytorch_lightning class (from mma_lightning) and lightning.pytorch is imported: a "
-            "lightning.Trainer refuses it (TypeError: `model` must be a `LightningModule`). With a lightning.Trainer, "
-            f"use `from mma_lightning.lightning import {name}` (and mma_lightning.lightning.data, ...); with a "
-            "pytorch_lightning.Trainer, nothing to change")
+    klass = obj if isinstance(obj, type) else type(obj)
+    ours = next((k for k in klass.__mro__ if k.__module__.startswith("mma_lightning.")), klass)
+    name, subject = ours.__name__, klass.__name__
+    if klass is not ours:
+        subject = f"{klass.__name__} derives from {ours.__name__}, which"
+    return (f"{subject} is a pytorch_lightning class (from mma_lightning) and lightning.pytorch is imported: a "
+            "lightning.Trainer refuses it (TypeError: `model` must be a `LightningModule`), and so does "
+            "lightning.pytorch.cli.LightningCLI (MisconfigurationException: Cannot add arguments from ...). With "
+            f"lightning.pytorch, use `from mma_lightning.lightning import {name}` (and mma_lightning.lightning.data, "
+            "...); with a pytorch_lightning.Trainer, nothing to change")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -67,6 +68,7 @@ from mma_lightning.evaluation.protocol import check_eps_grid, grid_name
 from mma_lightning.evaluation.report import ROBUSTBENCH_FIELDS, ROBUSTBENCH_MEASURED, eps_index, verdict_line
 from mma_lightning.evaluation.robustness import check_norm
 from mma_lightning.models.pretrained import PAPER_INFO, SOURCES, architecture_name, load_pretrained
+from mma_lightning.namespaces import without_namespace_hint
 
 log = logging.getLogger(__name__)
 
@@ -408,6 +410,10 @@ def released_run_config(cfg: DictConfig) -> DictConfig:
                          "data=mnist norm=linf, or run_config=<an mma-train run's config.yaml>")
     method = OmegaConf.merge(OmegaConf.to_container(cfg.released_method, resolve=True), cfg.get("method") or {})
     data = OmegaConf.to_container(cfg.data, resolve=True)
+    if isinstance(data, dict) and "val_size" in data:
+        # Only the test split is evaluated: no validation split carved from the training set (a group's
+        # val_size, e.g. 5000, need not fit a small dataset's training set).
+        data["val_size"] = 0
     return OmegaConf.create({"data": data, "method": method})
 
 
@@ -615,7 +621,8 @@ def build_run(run_cfg: DictConfig,
               net: nn.Module | None = None) -> tuple[pl.LightningDataModule, pl.LightningModule]:
     """The datamodule and the method described by a run's config, with its own backbone or ``net``."""
     datamodule = instantiate(run_cfg.data)
-    module = instantiate(run_cfg.method) if net is None else instantiate(run_cfg.method, net=net)
+    with without_namespace_hint():  # mma-eval runs its own pytorch_lightning Trainer
+        module = instantiate(run_cfg.method) if net is None else instantiate(run_cfg.method, net=net)
     return datamodule, module
 
 
@@ -678,13 +685,56 @@ def write_test_metrics(path: Path, tested: list[dict[str, Any]]) -> None:
     log.info("test_step metrics written to %s", path)
 
 
+# Keys whose values are file paths: a value with "=" (Lightning's epoch=4-step=550.ckpt) is quoted for Hydra.
+PATH_KEYS = ("ckpt_path", "ckpt_paths", "model_file", "run_config")
+
+
+def quote_paths(args: Sequence[str]) -> list[str]:
+    """Command-line arguments with checkpoint paths as Hydra's override parser takes them: bare checkpoint files
+    (``mma-eval lightning_logs/version_0/checkpoints/epoch=4-step=550.ckpt model=...``) become ``ckpt_path=...``
+    (several: ``ckpt_paths=[...]``), and a path holding ``=`` given to :data:`PATH_KEYS` is quoted (Hydra's
+    parser stops at the second ``=`` otherwise); everything else is kept as written."""
+    files = [arg for arg in args if not arg.startswith("-") and Path(arg).expanduser().is_file()]
+    others = [_quoted_value(arg) for arg in args if arg not in files]
+    if len(files) == 1:
+        return [f"ckpt_path={_quote(files[0])}", *others]
+    if files:
+        return [f"ckpt_paths=[{','.join(_quote(f) for f in files)}]", *others]
+    return others
+
+
+def _quoted_value(arg: str) -> str:
+    """``key=value`` with ``value`` quoted when ``key`` is one of :data:`PATH_KEYS` (each element of a list)."""
+    key, sep, value = arg.partition("=")
+    if not sep or key.lstrip("+") not in PATH_KEYS or "=" not in value:
+        return arg
+    if value.startswith("[") and value.endswith("]"):
+        return f"{key}=[{','.join(_quote(v) for v in value[1:-1].split(','))}]"
+    return f"{key}={_quote(value)}"
+
+
+def _quote(path: str) -> str:
+    """``path`` as a quoted Hydra string (already quoted, or holding both kinds of quotes: as it is)."""
+    if path[:1] in ("'", '"') or ("'" in path and '"' in path):
+        return path
+    quote = '"' if "'" in path else "'"
+    return f"{quote}{path}{quote}"
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
-def main(cfg: DictConfig) -> None:
-    """Entry point of ``mma-eval`` (Hydra's command line): :func:`evaluate`."""
+def hydra_main(cfg: DictConfig) -> None:
+    """Hydra's command line: :func:`evaluate`."""
     cache_dir = cfg.get("cache_dir")
     kept = (f"; the finished batches are kept in cache_dir={cache_dir}: the same command goes on from them"
             if cache_dir else "; nothing was written (cache_dir=null keeps no finished batches)")
     run_reporting_errors(lambda: evaluate(cfg), command="mma-eval", interrupted=kept)
+
+
+def main() -> None:
+    """Entry point of ``mma-eval``: the arguments with their checkpoint paths made safe for Hydra
+    (:func:`quote_paths`), then Hydra's command line (:func:`hydra_main`)."""
+    sys.argv[1:] = quote_paths(sys.argv[1:])
+    hydra_main()
 
 
 if __name__ == "__main__":

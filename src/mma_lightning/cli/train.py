@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 CONFIG_PATH = "pkg://mma_lightning.conf"
 RESOLVED_CONFIG = "config.yaml"
+PACKED_LAUNCHER = "hydra_plugins.mma_lightning_packed.packed_launcher.PackedLauncher"
+"""The class of ``hydra/launcher=packed`` (``conf/hydra/launcher/packed.yaml``'s ``_target_``)."""
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -390,10 +392,26 @@ def _choices() -> dict[str, str]:
     return {k: str(v) for k, v in HydraConfig.get().runtime.choices.items() if v is not None}
 
 
+def register_packed_launcher() -> None:
+    """Register ``hydra/launcher=packed``'s class with Hydra's plugin registry. Hydra finds plugins by scanning
+    the ``hydra_plugins`` namespace package, which setuptools' editable install (``pip install -e .``) hides from
+    that scan (``RuntimeError: Unknown plugin class``); registering the class works with every install."""
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance().register(get_class(PACKED_LAUNCHER))
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    """Entry point of ``mma-train`` (Hydra's command line): :func:`train`, then ``cfg.optimized_metric``."""
+def hydra_main(cfg: DictConfig) -> float | None:
+    """Hydra's command line: :func:`train`, then ``cfg.optimized_metric``."""
     return run_reporting_errors(lambda: metric_value(train(cfg), cfg.get("optimized_metric")))
+
+
+def main() -> float | None:
+    """Entry point of ``mma-train``: :func:`register_packed_launcher`, then Hydra's command line
+    (:func:`hydra_main`)."""
+    register_packed_launcher()
+    return hydra_main()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ whose batches carry the index, so a mid-epoch checkpoint resumes exactly.
 
 from __future__ import annotations
 
+import inspect
 import sys
+import typing
 from typing import Any
 
 import pytorch_lightning as pl
@@ -201,7 +203,8 @@ def _pair_hook(hook: Any) -> Any:
 
 
 def with_index(datamodule: Any, seed: int = 0) -> Any:
-    """A datamodule of ``datamodule``'s Lightning namespace whose training batches gain the sample index.
+    """A datamodule of ``datamodule``'s Lightning namespace whose training batches gain the sample index; given a
+    datamodule class, a class (:func:`with_index_class`): ``LightningCLI(MMAModule, with_index(MyDataModule))``.
 
     ``datamodule`` is any LightningDataModule (``pytorch_lightning`` or ``lightning.pytorch``) whose training
     loader yields ``(x, y)`` over a map-style dataset; the result is a :class:`WithIndexDataModule` of the same
@@ -215,6 +218,8 @@ def with_index(datamodule: Any, seed: int = 0) -> Any:
         net = nn.Sequential(Normalize([0.1307], [0.3081]), SimpleDenseNet())  # normalisation inside the model
         trainer.fit(MMAModule(net, max_eps=0.3), datamodule=with_index(MNISTDataModule()))  # the template's
     """
+    if isinstance(datamodule, type):
+        return with_index_class(datamodule, seed=seed)
     if isinstance(datamodule, (IndexedDataModuleLogic, WithIndexDataModuleLogic)):
         return datamodule
     if isinstance(datamodule, pl.LightningDataModule):
@@ -228,7 +233,55 @@ def with_index(datamodule: Any, seed: int = 0) -> Any:
                      f"{type(datamodule).__name__}")
 
 
+def with_index_class(datamodule_class: type, seed: int = 0) -> type:
+    """A :class:`WithIndexDataModule` class (of ``datamodule_class``'s namespace) that builds ``datamodule_class``
+    from its own arguments and wraps it (:func:`with_index`): for LightningCLI users who keep their datamodule
+    class fixed, ``LightningCLI(MMAModule, with_index(MyDataModule))``, whose ``--data.<argument>`` are
+    ``MyDataModule``'s. ``seed`` orders the shuffled epochs. A class that already yields the index is returned as
+    is.
+    """
+    if not (isinstance(datamodule_class, type)
+            and issubclass(datamodule_class, lightning_types("LightningDataModule"))):
+        raise ValueError("with_index needs a LightningDataModule class or object (pytorch_lightning or "
+                         f"lightning.pytorch), got {datamodule_class!r}")
+    if issubclass(datamodule_class, (IndexedDataModuleLogic, WithIndexDataModuleLogic)):
+        return datamodule_class
+    base: type = WithIndexDataModule
+    if not issubclass(datamodule_class, pl.LightningDataModule):
+        from mma_lightning.lightning.data import WithIndexDataModule as LightningWithIndexDataModule
+
+        base = LightningWithIndexDataModule
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        WithIndexDataModuleLogic.__init__(self, datamodule_class(*args, **kwargs), seed=seed)
+
+    # The signature LightningCLI (jsonargparse) reads: the wrapped class's arguments, their annotations resolved
+    # in the wrapped class's module.
+    signature = inspect.signature(datamodule_class)
+    try:
+        hints = typing.get_type_hints(datamodule_class.__init__)
+    except Exception:  # noqa: BLE001 - an annotation that does not resolve: keep them as written
+        hints = {}
+    parameters = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    parameters += [p.replace(annotation=hints.get(name, p.annotation)) for name, p in signature.parameters.items()]
+    __init__.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+    __init__.__annotations__ = {name: hint for name, hint in hints.items() if name != "return"}
+    __init__.__doc__ = f"Build ``{datamodule_class.__name__}(*args, **kwargs)`` and wrap it (``with_index``)."
+    name = f"{datamodule_class.__name__}WithIndex"
+    return type(name, (base,), {"__init__": __init__, "__module__": datamodule_class.__module__,
+                                "__qualname__": name, "__doc__": f"``with_index({datamodule_class.__name__})``: "
+                                f"{datamodule_class.__name__}'s training batches with the sample index."})
+
+
 # The pytorch_lightning class: the namespace-free logic above on pytorch_lightning's base class
 # (mma_lightning.lightning.data builds the lightning.pytorch one from the same logic class).
 class WithIndexDataModule(WithIndexDataModuleLogic, pl.LightningDataModule):
-    """:class:`WithIndexDataModuleLogic` on pytorch_lightning (the default namespace)."""
+    """:class:`WithIndexDataModuleLogic` on pytorch_lightning (the default namespace).
+
+    ``datamodule`` is typed as this namespace's LightningDataModule, so LightningCLI builds it from a class path
+    and its own arguments (``--data.datamodule=my_project.MyDataModule --data.datamodule.batch_size=64``), and
+    Hydra from a nested ``_target_``.
+    """
+
+    def __init__(self, datamodule: pl.LightningDataModule, seed: int = 0) -> None:
+        super().__init__(datamodule, seed=seed)

@@ -68,7 +68,14 @@ class ImageFolderDataModule(ImageFolderDataModuleLogic, VisionDataModule):
 
 class WithIndexDataModule(WithIndexDataModuleLogic, L.LightningDataModule):
     """:class:`~mma_lightning.data.with_index.WithIndexDataModuleLogic` on ``lightning.pytorch`` (what
-    :func:`~mma_lightning.data.with_index.with_index` returns for a ``lightning.pytorch`` datamodule)."""
+    :func:`~mma_lightning.data.with_index.with_index` returns for a ``lightning.pytorch`` datamodule).
+
+    ``datamodule`` is typed as this namespace's LightningDataModule, so LightningCLI builds it from a class path
+    and its own arguments (``--data.datamodule=my_project.MyDataModule --data.datamodule.batch_size=64``).
+    """
+
+    def __init__(self, datamodule: L.LightningDataModule, seed: int = 0) -> None:
+        super().__init__(datamodule, seed=seed)
 
 
 def mnist5k_datamodule(val_size: int = 1000, batch_size: int = 50, seed: int = 0,

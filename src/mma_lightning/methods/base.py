@@ -227,9 +227,9 @@ class AdversarialModuleLogic(ModuleHost):
         (Lightning's default ``predict_step`` would hand the whole tuple to :meth:`forward`)."""
         x = batch[0] if isinstance(batch, (tuple, list)) and 1 <= len(batch) <= 3 else batch
         if not isinstance(x, Tensor):
+            length = f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
             raise ValueError("predict batches must be x, (x,), (x, y) or (x, y, index) with x a tensor, got "
-                             f"{type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (tuple, list))
-                                                          else ""))
+                             f"{type(batch).__name__}{length}")
         return self(self.as_input(x))
 
     @classmethod

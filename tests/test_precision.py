@@ -78,7 +78,7 @@ def test_channels_last_changes_the_layout_only() -> None:
     for layout, module in modules.items():
         seen: list[bool] = []
         module.net[0].register_forward_pre_hook(
-            lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+            lambda m, args, seen=seen: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
         torch.manual_seed(0)
         with pytest.warns(UserWarning, match="self.trainer"):  # self.log without a Trainer: a warning
             loss = module.training_step((x, y, index), 0)

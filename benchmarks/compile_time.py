@@ -35,12 +35,13 @@ at every K and would otherwise hit the cache of the previous K). Running the scr
 ``--cache-dir`` (a new process) measures the warm start a rerun of the same configuration gets; ``--shared-cache``
 compiles everything into ``--cache-dir`` itself instead (what a user's runs share). Before the first
 configuration one small function is compiled (``--no-warmup`` to skip), so that the process's one-time start-up
-of the compiler is in no row.
+of the compiler is in no row. torch runs on one thread (``--threads``): on a shared, loaded CPU more threads
+spin-wait, and a step's time then says more about the other processes than about the step.
 
 ``--no-inference-mode-in-graph`` runs an experiment: the attacks' ``torch.inference_mode(False)`` block
 (:func:`~mma_lightning.attacks.context.grad_enabled_outside_inference`) is replaced, for this process only, by a
-version that leaves inference mode only when it is on, so a traced step holds no ``_enter_inference_mode`` call
-(which AOTAutograd's cache refuses to cache).
+version that leaves inference mode only when not compiling, so a traced step holds no ``_enter_inference_mode``
+call (which AOTAutograd's cache refuses to cache: a rerun then re-traces the whole step).
 
 Usage: ``python benchmarks/compile_time.py [--model wrn10_1|wrn28_4] [--ks 1,2,5,10] [--designs step,passes]
 [--backend inductor] [--batch 8] [--reps 5] [--cache-dir DIR] [--json out.json]``.
@@ -53,10 +54,11 @@ import contextlib
 import copy
 import json
 import logging
+import math
 import os
 import re
-import sys
 import statistics
+import sys
 import time
 import warnings
 from collections import Counter
@@ -117,10 +119,12 @@ class Row:
 
 # --- the experiment of --no-inference-mode-in-graph ------------------------------------------------------------
 @contextlib.contextmanager
-def _grad_enabled_leaving_inference_only_when_on() -> Iterator[None]:
-    """``grad_enabled_outside_inference`` without ``inference_mode(False)`` where inference mode is off (dynamo
-    folds the test to a constant, so a traced step holds no ``_enter_inference_mode`` node)."""
-    mode = torch.inference_mode(False) if torch.is_inference_mode_enabled() else contextlib.nullcontext()
+def _grad_enabled_leaving_inference_only_eagerly() -> Iterator[None]:
+    """``grad_enabled_outside_inference`` without ``inference_mode(False)`` under ``torch.compile`` (dynamo folds
+    ``is_compiling()`` to ``True``; it refuses to trace ``torch.is_inference_mode_enabled``), so a traced step
+    holds no ``_enter_inference_mode`` node. A captured function is always called outside inference mode
+    (:mod:`mma_lightning.methods.base` clones the evaluation's inputs under ``inference_mode(False)``)."""
+    mode = contextlib.nullcontext() if torch.compiler.is_compiling() else torch.inference_mode(False)
     with mode, torch.enable_grad():
         yield
 
@@ -129,7 +133,7 @@ def patch_inference_mode() -> None:
     """Replace the attacks' ``grad_enabled_outside_inference`` (this process only) by the version above."""
     from mma_lightning.attacks import context, margin, pgd
     for module in (context, margin, pgd):
-        module.grad_enabled_outside_inference = _grad_enabled_leaving_inference_only_when_on  # type: ignore[attr-defined]
+        module.grad_enabled_outside_inference = _grad_enabled_leaving_inference_only_eagerly  # type: ignore[attr-defined]
 
 
 # --- the measures ---------------------------------------------------------------------------------------------
@@ -353,7 +357,7 @@ def measure_config(make_net: Callable[[], nn.Module], shape: Sequence[int], num_
         row.steady_ms = statistics.median(row.steady_all_ms) if times[name] else float("nan")
         row.steady_runs = len(times[name])
         eager_ms = rows[BASELINE].steady_ms
-        if name != BASELINE and row.state in ("captured", "forced") and eager_ms == eager_ms:
+        if name != BASELINE and row.state in ("captured", "forced") and math.isfinite(eager_ms):
             # the first call ran the step captured twice and eagerly once besides compiling
             row.check_s = 2 * row.steady_ms / 1000 + eager_ms / 1000
     return list(rows.values())

@@ -71,7 +71,7 @@ def test_command_line(bench) -> None:
 def test_a_failed_check_still_times_the_compiled_step(bench, monkeypatch) -> None:
     """Where the first call's check fails the run goes on eagerly; the benchmark says so and times the compiled
     step anyway (state "forced")."""
-    import mma_lightning.capture as capture
+    from mma_lightning import capture
 
     monkeypatch.setattr(capture, "difference", lambda *args, **kwargs: "a made-up difference")
     eager, step = bench.measure_config(two_conv_net, (3, 8, 8), 3, "conv2", 1, 1, ["step"], backend="eager",

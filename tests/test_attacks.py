@@ -231,7 +231,7 @@ def test_pgd_bad_input() -> None:
 
 
 def test_fp16_autocast_scales_the_attack_objective_and_steps_ignore_the_scale() -> None:
-    """lightning-notes 6: under float16 autocast the attack objective is scaled so input gradients do not
+    """docs/lightning-notes.md, item 6: under float16 autocast the attack objective is scaled so input gradients do not
     underflow; sign and normalised steps are invariant to that factor, so fp32 attacks are unchanged."""
     from mma_lightning.attacks.pgd import FP16_ATTACK_SCALE, fp16_gradient_scale
 

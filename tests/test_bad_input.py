@@ -1,4 +1,4 @@
-"""Bad input (issue 10, item 4): every case is refused with an error that names the parameter and what is
+"""Bad input: every case is refused with an error that names the parameter and what is
 allowed. The Python API cases raise ``ValueError`` / ``FileNotFoundError``; the command cases run
 ``mma-train`` / ``mma-eval`` in-process through their Hydra ``main`` and must print that one message
 (no Python traceback), exit non-zero and leave no checkpoint, report or plot behind."""
@@ -113,7 +113,7 @@ COMMAND_CASES = [
     ("train-nonfinite-mode", "train", ["callbacks.nonfinite.mode=retry"], "mode must be one of ['stop', 'skip']"),
     ("train-signals", "train", ["callbacks.stop_on_signal.signals=[SIGHUP]"], "signals must be names among"),
     ("eval-missing-ckpt", "eval", ["ckpt_path={tmp}/missing.ckpt"], "no such checkpoint file"),
-    # A sweep's metric that the run would never log: refused before training (issue 19, item 7).
+    # A sweep's metric that the run would never log: refused before training.
     ("train-metric-never-validated", "train", ["optimized_metric=val/robust_acc", "trainer.max_steps=2",
                                                "trainer.val_check_interval=5", "trainer.check_val_every_n_epoch=null"],
      "optimized_metric='val/robust_acc' is never logged: the run validates every 5 steps "

@@ -197,7 +197,7 @@ def test_eval_tests_a_checkpoint_with_its_run_config_and_writes_the_report(train
     # 2 steps of the MNIST Linf protocol's eps/40 could not leave the ball's centre: the step fits 2 steps.
     assert pgd["settings"]["nb_iter"] == 2 and pgd["settings"]["step_fraction"] == pytest.approx(2.5 / 2)
     assert pgd["settings"]["protocol_step_fraction"] == pytest.approx(1 / 40)
-    assert pgd["settings"]["dataset"] == "FashionMNIST"  # the run's data names the protocol (issue 19, item 5)
+    assert pgd["settings"]["dataset"] == "FashionMNIST"  # the run's data names the protocol
     last = [line for line in proc.stdout.splitlines() if line.strip()][-1]  # the log's last line: the verdict
     assert "sanity checks passed" in last or "FLAGGED by the sanity checks" in last, last
     assert model["model"]["ckpt_path"] == str(best.resolve()) and len(model["model"]["state_sha256"]) == 64

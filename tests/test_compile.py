@@ -1,4 +1,4 @@
-"""``compile=True``: the backbone under ``torch.compile`` trains and validates without recompiling (issue 9).
+"""``compile=True``: the backbone under ``torch.compile`` trains and validates without recompiling.
 
 Every forward of a step (clean, PGD steps, search forwards, mixed batch) and of validation keeps the full
 batch's shape; the variants dynamo needs (train / eval mode, with / without autograd, input gradient or not)

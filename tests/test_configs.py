@@ -109,7 +109,7 @@ def test_setup_cfg_lists_every_package_and_ships_conf():
 # --- presets ------------------------------------------------------------------------------------------------
 
 
-# The baselines of the paper's comparisons (issue 5): PGD-eps and PGDLS-eps on each eps grid of the doc.
+# The baselines of the paper's comparisons: PGD-eps and PGDLS-eps on each eps grid of the doc.
 BASELINE_GRIDS = {
     ("mnist", "linf"): {"01": 0.1, "02": 0.2, "03": 0.3, "04": 0.4},
     ("mnist", "l2"): {"1": 1.0, "2": 2.0, "3": 3.0, "4": 4.0},

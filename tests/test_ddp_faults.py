@@ -1,4 +1,4 @@
-"""DDP faults (issue 10, item 5), 2 CPU processes (``ddp_spawn``, gloo): a training set whose size the world
+"""DDP faults, 2 CPU processes (``ddp_spawn``, gloo): a training set whose size the world
 size does not divide, and resuming on another number of processes, keep one correct global eps table and
 the data order. (A rank with no correct sample: tests/test_mma_module.py.)"""
 

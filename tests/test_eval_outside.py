@@ -1,8 +1,8 @@
-"""``mma-eval`` on a checkpoint of ``MMAModule`` trained outside ``mma-train`` (issue 19, item 4): a plain
+"""``mma-eval`` on a checkpoint of ``MMAModule`` trained outside ``mma-train``: a plain
 Lightning fit writes the checkpoint (no run config beside it); its model comes from ``model=`` or a
 ``_target_`` override, its data and norm from ``data=`` / ``norm=``, as for a released model file. Also the
 command's messages for such a checkpoint (what is missing, weights that do not fit) and for a corrupt one
-(issue 19, item 7): one line, no traceback, nothing written."""
+: one line, no traceback, nothing written."""
 
 from __future__ import annotations
 

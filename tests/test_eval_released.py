@@ -1,4 +1,4 @@
-"""``mma-eval`` on a released model file (issue 11, item 2): a random-weight state dict in the authors'
+"""``mma-eval`` on a released model file: a random-weight state dict in the authors'
 ``mma_training`` LeNet5-Madry layout (as tests/test_pretrained.py builds it), saved as their
 ``trained_models/<name>/model_best.pt`` holds it (``{"model": state_dict}``), evaluated by the README's
 ``mma-eval model_file=...`` line (its ``sh`` block; tests/test_readme.py runs the ``bash`` blocks, whose files

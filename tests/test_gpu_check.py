@@ -1,6 +1,6 @@
 """``benchmarks/gpu_check.py``: the GPU check's dress rehearsal on the CPU, and how it keeps its results.
 
-The figures on a CPU mean nothing; what is checked is that the script the first GPU session will run works end to
+The figures on a CPU mean nothing; what is checked is that the script a first GPU run will use works end to
 end (every section, in one process, at the reduced size) and that its numbers are consistent (pass counts, FLOPs,
 projection, real-data metrics); and, with the sections replaced by stand-ins, that a failing section, missing data,
 the budget or an interruption never costs the report what finished.

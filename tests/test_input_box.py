@@ -1,4 +1,4 @@
-"""Inputs outside the data box stop with one message (issue 19, item 1): normalised batches (MNIST's mean/std put
+"""Inputs outside the data box stop with one message: normalised batches (MNIST's mean/std put
 them in [-0.42, 2.82]) would make every eps and margin silently wrong. Checked on the first batch of each stage
 and by every evaluation entry point; sync-free afterwards."""
 

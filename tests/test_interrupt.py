@@ -1,4 +1,4 @@
-"""Interruptions (issue 10, item 2): a signal stops training after the current step with a checkpoint to
+"""Interruptions: a signal stops training after the current step with a checkpoint to
 resume from; a checkpoint write killed at any moment never leaves a truncated file."""
 
 from __future__ import annotations

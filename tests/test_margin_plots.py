@@ -71,7 +71,7 @@ def test_bad_bins_is_a_clear_error() -> None:
 
 def test_the_eps_table_panel_draws_the_seen_samples_and_names_the_spikes() -> None:
     """Early in training most of the table is unvisited zeros: only the visited samples are drawn; the
-    spikes at 0 (misclassified) and at the search cap are named in each panel (issue 19, item 7)."""
+    spikes at 0 (misclassified) and at the search cap are named in each panel."""
     from mma_lightning.evaluation.margin_plots import margin_distributions_figure
     from mma_lightning.methods.eps_store import EpsStore
 

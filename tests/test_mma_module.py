@@ -291,7 +291,7 @@ def test_real_mnist_margins_grow_and_accuracy_stays_high(tmp_path: Path) -> None
 
 
 def test_fit_under_bf16_mixed_precision() -> None:
-    """lightning-notes 6: bf16 autocast around the whole step; margins are compared in fp32."""
+    """docs/lightning-notes.md, item 6: bf16 autocast around the whole step; margins are compared in fp32."""
     x, y = blobs(64)
     module = small_module()
     quiet_trainer(max_steps=3, limit_val_batches=1, precision="bf16-mixed").fit(

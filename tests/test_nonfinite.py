@@ -1,4 +1,4 @@
-"""Non-finite values (issue 10, item 3): a NaN loss stops training with the step, the offending dataset
+"""Non-finite values: a NaN loss stops training with the step, the offending dataset
 indices and the last good checkpoint, and no checkpoint is written after it; ``mode="skip"`` drops the
 update instead and counts it."""
 

@@ -1,4 +1,4 @@
-"""Packed runs (issue 17): a pack of N runs trains as the N runs trained one by one; it resumes exactly; a run
+"""Packed runs: a pack of N runs trains as the N runs trained one by one; it resumes exactly; a run
 that goes non-finite stops alone."""
 
 from __future__ import annotations

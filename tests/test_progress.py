@@ -1,4 +1,4 @@
-"""Resume-aware progress bars (issue 19, item 7): a run resumed mid-epoch and extended counts ``6/6``, not
+"""Resume-aware progress bars: a run resumed mid-epoch and extended counts ``6/6``, not
 Lightning's ``6/1`` (``220/19`` in the issue), and the rich bar's title has no ``/-2`` for unbounded epochs;
 ``mma-train`` refuses to resume a finished run, saying how to extend or evaluate it."""
 

@@ -1,4 +1,4 @@
-"""Schedulers stepped on a metric (issue 19, item 3): ``ReduceLROnPlateau`` on ``val/acc``, named by the module's
+"""Schedulers stepped on a metric: ``ReduceLROnPlateau`` on ``val/acc``, named by the module's
 ``scheduler_monitor`` option or by a factory returning Lightning's scheduler config
 (conf/scheduler/reduce_on_plateau.yaml); a missing or unusable monitor is a clear error before training."""
 

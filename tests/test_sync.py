@@ -1,4 +1,4 @@
-"""No host synchronisation in a steady-state training step, for every method (issue 9).
+"""No host synchronisation in a steady-state training step, for every method.
 
 On an accelerator, reading a tensor's value on the host (``.item()``, ``bool(t)``, ``.tolist()``, a boolean
 mask index, ...) makes the CPU wait for the device. These CPU tests wrap the module's ``training_step`` (and

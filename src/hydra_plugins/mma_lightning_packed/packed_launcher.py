@@ -1,4 +1,4 @@
-"""``hydra/launcher=packed``: a multirun's ``mma-train`` jobs trained in packs, several runs per process (issue 17).
+"""``hydra/launcher=packed``: a multirun's ``mma-train`` jobs trained in packs, several runs per process.
 
 A Hydra launcher receives every job of a sweep at once (``launch(job_overrides, initial_job_idx)``), so it can
 group them: jobs whose composed configs agree on everything but the settings that change no shape

@@ -3,7 +3,7 @@
 Checks of shapes, dtypes and Python numbers always run. Checks that read tensor *values* (finiteness, label
 range, per-sample radii) force a host synchronisation on an accelerator, so they run only while
 :func:`host_checks` is on: on by default (a direct call gets its clear error), and the training modules keep
-them for the first batch only unless ``debug_checks=True`` (issue 9: no host sync in a steady-state step).
+them for the first batch only unless ``debug_checks=True`` (no host sync in a steady-state step).
 """
 
 from __future__ import annotations
@@ -113,8 +113,8 @@ def check_in_box(x: Tensor, clip_min: float | None, clip_max: float | None, wher
 
     MMA (Ding et al., ICLR 2020) and its reference code measure every eps in input units, on pixels in
     ``[0, 1]``, and every attack clips its points to the box; inputs normalised outside the model lie
-    elsewhere (MNIST's mean/std: ``[-0.42, 2.82]``), and the attacks then silently measure wrong radii
-    (issue 19). One ``ValueError`` gives the observed range, the box and the two fixes. ``where`` names the
+    elsewhere (MNIST's mean/std: ``[-0.42, 2.82]``), and the attacks then silently measure wrong radii.
+    One ``ValueError`` gives the observed range, the box and the two fixes. ``where`` names the
     data (``"training"``, ``"validation"``, ``"test"``, ``"evaluation"``); ``box_settable=False`` (AutoAttack,
     whose box is fixed) leaves out the second fix. One host sync (the min and max).
     """

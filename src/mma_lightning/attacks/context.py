@@ -1,6 +1,6 @@
 """How attacks run a model without side effects the caller can see.
 
-lightning-notes 2 and 3: attacks inside Lightning may be called under ``torch.inference_mode()`` (the
+docs/lightning-notes.md, item 2 and 3: attacks inside Lightning may be called under ``torch.inference_mode()`` (the
 default ``Trainer`` evaluates that way), and must leave every submodule's ``training`` flag as they found it.
 """
 

@@ -1,7 +1,7 @@
 """The input gradient of an attack objective, with the model's parameters held constant.
 
 Every attack step (PGD, the refined search's boundary and FMN steps) needs ``d objective / d input`` and
-nothing else (lightning-notes 1: never ``.backward()``, so parameter ``.grad`` is never touched). Two ways
+nothing else (docs/lightning-notes.md, item 1: never ``.backward()``, so parameter ``.grad`` is never touched). Two ways
 compute it, with the same result:
 
 - eager: ``torch.autograd.grad`` of the summed objective with respect to the point (the caller freezes the

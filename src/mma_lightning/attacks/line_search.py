@@ -50,7 +50,7 @@ def outside_autocast(x: Tensor, enabled: bool = True) -> AbstractContextManager[
 
     The margin search's forwards run in it (:func:`bisect_ray`, :func:`root_find_ray`, the refined search's
     :mod:`.boundary` and :mod:`.fmn` steps): the eps they return is a threshold on the model's margin, which
-    bfloat16 rounding of the input and of the activations blurs (module docstring; ``lightning-notes`` 6:
+    bfloat16 rounding of the input and of the activations blurs (module docstring; ``docs/lightning-notes.md`` 6:
     keep margin comparisons in float32). The parameters stay as they are (Lightning's ``*-mixed`` precisions
     keep them in float32); only the autocast casts are switched off. Capturable: ``torch.compile(fullgraph=True)``
     traces the autocast state as a constant of the graph and the context as a region of it.

@@ -4,7 +4,7 @@ The MMA reference (Ding et al., ICLR 2020) runs advertorch's PGD with a differen
 (AN-PGD's inner attack); this module is that attack, batched, in plain PyTorch:
 random start inside the ball, ``nb_iter`` steepest-ascent steps of the loss, each followed by a clip to the
 box and a projection onto the ball, last iterate returned. Input gradients come from
-``torch.autograd.grad`` only, so parameter ``.grad`` is never touched (lightning-notes 1).
+``torch.autograd.grad`` only, so parameter ``.grad`` is never touched (docs/lightning-notes.md, item 1).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ FP16_ATTACK_SCALE = 1024.0
 
 
 def fp16_gradient_scale(x: Tensor) -> float:
-    """Factor on the attack objective under float16 autocast (lightning-notes 6), else 1.
+    """Factor on the attack objective under float16 autocast (docs/lightning-notes.md, item 6), else 1.
 
     Lightning's ``16-mixed`` scales only the training loss; an attack's input gradient can underflow to zero
     in float16 and ``sign()`` then gives 0. Both step rules (sign, normalised gradient) ignore a positive

@@ -303,7 +303,7 @@ def check_model_fits_data(module: pl.LightningModule, datamodule: pl.LightningDa
 
 def check_launcher_fits_hydra_mode(trainer: pl.Trainer) -> None:
     """Strategy ``ddp`` re-launches the script with its command line, which inside a Hydra multirun would
-    start the whole sweep again per device (lightning-notes 8): refuse it there, ``ddp_spawn`` works."""
+    start the whole sweep again per device (docs/lightning-notes.md, item 8): refuse it there, ``ddp_spawn`` works."""
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return
     subprocess_launcher = lightning_types("strategies.launchers._SubprocessScriptLauncher")

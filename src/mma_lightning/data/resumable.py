@@ -3,7 +3,7 @@
 Lightning saves and restores the state of a train loader that has ``state_dict`` / ``load_state_dict``
 (its fit loop stores them under ``loops.fit_loop.state_dict.combined_loader`` and calls ``load_state_dict``
 before iterating again; a plain ``DataLoader`` makes it warn "your dataloader is not resumable" instead,
-lightning-notes 10). :class:`ResumableDataLoader` is that loader: it counts the batches it yielded in the
+docs/lightning-notes.md, item 10). :class:`ResumableDataLoader` is that loader: it counts the batches it yielded in the
 current epoch, and on resume its :class:`ResumableSampler` skips the samples already seen, so a resumed run
 sees exactly the batches the uninterrupted run would have seen.
 

@@ -8,7 +8,7 @@ Accepted ``data`` (every evaluation function takes the same):
 
 Under ``torch.distributed`` (``shard=None`` means: when a process group is initialised), each rank evaluates
 one :class:`ShardSampler` shard of the data, which pads nothing, and the per-sample outcomes are gathered
-afterwards (lightning-notes 9): a ``DataLoader`` is rebuilt over its map-style dataset with that sampler.
+afterwards (docs/lightning-notes.md, item 9): a ``DataLoader`` is rebuilt over its map-style dataset with that sampler.
 """
 
 from __future__ import annotations

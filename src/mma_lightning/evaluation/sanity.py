@@ -11,7 +11,7 @@ Carlini et al., "On Evaluating Adversarial Robustness" (2019): a sound whitebox 
    The radii probed are those where a weak attack shows: robust accuracy between 5 % and 95 % (at most
    ``max_probe_radii`` of them, the largest first; the radius nearest half the clean accuracy when none is).
    A short attack is nearly as strong as a long one at small radii, and "twice the steps" of a 1-step
-   attack is still no test of convergence (issue 18): the reference is what the evaluation is measured against.
+   attack is still no test of convergence: the reference is what the evaluation is measured against.
 3. ``unbounded_eps``: an eps larger than the data range (the whole box is reachable) leaves ~0% robust.
 
 Each check is judged by a threshold printed next to its figure: more than ``tolerance`` (default 2 points of

@@ -1,4 +1,4 @@
-"""Sharding a test set over processes so that every point counts exactly once (lightning-notes 9).
+"""Sharding a test set over processes so that every point counts exactly once (docs/lightning-notes.md, item 9).
 
 ``torch.utils.data.DistributedSampler`` pads the last shard by repeating indices (or drops the tail with
 ``drop_last=True``), which would count some test points twice (or never). :class:`ShardSampler` gives rank

@@ -5,10 +5,10 @@ It owns the backbone, the optimiser plumbing and the robustness validation; a me
 Sec. 5 / reference ``mma_training``): PGD at a fixed eval eps, then a bisection along the PGD direction gives
 each sample's margin estimate; both numbers come from one :func:`find_margin` call, since the bisection's
 first test is the PGD point itself. Metrics are torchmetrics objects, so DDP reduction is right
-(lightning-notes 5): ``val/acc``, ``val/robust_acc``, ``val/avg_eps`` (model selection: max ``val/avg_eps``).
+(docs/lightning-notes.md, item 5): ``val/acc``, ``val/robust_acc``, ``val/avg_eps`` (model selection: max ``val/avg_eps``).
 
 Evaluation under the default ``Trainer()`` (``inference_mode=True``) works: the attacks leave inference mode
-for their own gradient computations (lightning-notes 2), so no ``Trainer`` flag is required.
+for their own gradient computations (docs/lightning-notes.md, item 2), so no ``Trainer`` flag is required.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ class AdversarialModuleLogic(ModuleHost):
             outside the model stop with the two fixes.
         compile: ``torch.compile`` the backbone in place (``net.compile()``; state-dict keys unchanged):
             ``True`` for the defaults, or a dict of ``torch.compile`` keyword arguments. Off by default
-            (lightning-notes 7); every forward of the step keeps its batch shape, so after warm-up nothing
+            (docs/lightning-notes.md, item 7); every forward of the step keeps its batch shape, so after warm-up nothing
             recompiles.
         compile_step: capture the whole training step (clean forward, attacks, margin search, loss) and the
             validation's attack: ``torch.compile(fullgraph=True, dynamic=False)`` of :meth:`step_loss` and
@@ -336,7 +336,7 @@ class AdversarialModuleLogic(ModuleHost):
             check_labels(y, self.net(x[:1]).shape[1])
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
-        """One scalar loss for Lightning's automatic optimisation (lightning-notes 1); ``None`` (the batch is
+        """One scalar loss for Lightning's automatic optimisation (docs/lightning-notes.md, item 1); ``None`` (the batch is
         skipped) for a batch whose size the captured step does not take."""
         x, y, index = _unpack(batch)
         if not self._fits_captured_batch("train", x.shape[0]):

@@ -2,7 +2,7 @@
 
 MMA starts each sample's AN-PGD at the eps found on its previous visit (Ding et al., ICLR 2020, Sec. 4), so
 the table spans the whole training set: with DDP the sampler reshuffles indices across ranks every epoch, so
-each step's updates are gathered from all ranks and applied identically everywhere (lightning-notes 4).
+each step's updates are gathered from all ranks and applied identically everywhere (docs/lightning-notes.md, item 4).
 The table is a persistent buffer: it follows the module's device and lives in its ``state_dict`` (and thus in
 every Lightning checkpoint).
 """

@@ -1,5 +1,5 @@
 """The random streams of a training run, kept in its checkpoints so that a resumed run is bitwise the
-uninterrupted one (lightning-notes 10).
+uninterrupted one (docs/lightning-notes.md, item 10).
 
 A Lightning checkpoint restores weights, optimiser, schedulers, loop counters and buffers, not the random
 generators. Two kinds of stream drive adversarial training:

@@ -1,5 +1,5 @@
 """Exact resume from a checkpoint written once the last training step of ``fit`` is done: saved by
-``trainer.save_checkpoint`` after ``fit`` returns, or by a callback while ``fit`` closes (lightning-notes 10).
+``trainer.save_checkpoint`` after ``fit`` returns, or by a callback while ``fit`` closes (docs/lightning-notes.md, item 10).
 
 A checkpoint written during a training step (``ModelCheckpoint(every_n_train_steps=...)``, a signal stop) holds
 the fit loop's counters in the middle of the loop, and Lightning resumes it where it stopped. Once the last step

@@ -66,7 +66,7 @@ def piecewise_constant(optimizer: Optimizer, boundaries: Sequence[int], factors:
 
 def scheduler_config(optimizer: Optimizer, scheduler: Callable[[Optimizer], Any], monitor: str | None = None,
                      interval: str = "epoch", frequency: int = 1, strict: bool = True) -> dict[str, Any]:
-    """Lightning's scheduler config (``{"scheduler", "monitor", "interval", ...}``, lightning-notes; Lightning's
+    """Lightning's scheduler config (``{"scheduler", "monitor", "interval", ...}``, docs/lightning-notes.md; Lightning's
     ``configure_optimizers``) for ``scheduler(optimizer)``: a scheduler factory that names its metric, e.g.
     ``ReduceLROnPlateau`` on ``val/acc`` once per epoch (conf/scheduler/reduce_on_plateau.yaml).
 

@@ -1,4 +1,4 @@
-"""Packed sweeps: several runs of one method and architecture trained together in one process (issue 17).
+"""Packed sweeps: several runs of one method and architecture trained together in one process.
 
 :class:`PackedModule` (the runs' modules trained as one vmapped step) with :class:`PackedDataModule` (each run's
 own data), :class:`RunCheckpoint`, :class:`RunLogger` and :class:`RunCallback` (each run's own checkpoints, logs

@@ -1,4 +1,4 @@
-"""Each run of a pack keeps its own callbacks, as if it had trained alone (issue 17).
+"""Each run of a pack keeps its own callbacks, as if it had trained alone.
 
 A run's config names callbacks that watch that run: margin plots (``margins/*.png`` in its directory and its
 TensorBoard), the learning-rate monitor (``lr-Adam`` in its logs), the robustness check, or a user's own. In a

@@ -1,4 +1,4 @@
-"""Each run of a pack gets its own checkpoints, as if it had trained alone (issue 17).
+"""Each run of a pack gets its own checkpoints, as if it had trained alone.
 
 :class:`RunCheckpoint` is the run's ``ModelCheckpoint`` (the library's :class:`~mma_lightning.cli.checkpoint.
 BestAndLastCheckpoint`: the best by ``<run>/val/avg_eps`` and ``last.ckpt``), which writes the run's own checkpoint

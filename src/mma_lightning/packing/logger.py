@@ -1,4 +1,4 @@
-"""Each run of a pack gets its own logs, as if it had trained alone (issue 17).
+"""Each run of a pack gets its own logs, as if it had trained alone.
 
 A pack logs every run's metrics under the run's prefix (``run0/train/loss``, ``run1/val/avg_eps``, ...).
 :class:`RunLogger` wraps any Lightning logger of one run (its CSV or TensorBoard logger, writing into the run's
